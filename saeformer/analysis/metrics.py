@@ -1,0 +1,32 @@
+"""The project's metrics, each defined once (DESIGN.md, Metrics)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def fvu(h: Tensor, h_hat: Tensor, *, detach_denominator: bool = False) -> Tensor:
+    """Fraction of variance unexplained: Σ‖h − ĥ‖² / Σ‖h − mean(h)‖² over a batch of rows."""
+    h = h.reshape(-1, h.shape[-1]).float()
+    h_hat = h_hat.reshape(-1, h_hat.shape[-1]).float()
+    total = (h - h.mean(dim=0)).pow(2).sum()
+    if detach_denominator:
+        total = total.detach()
+    return (h - h_hat).pow(2).sum() / total.clamp_min(torch.finfo(total.dtype).tiny)
+
+
+def l0(values: Tensor) -> Tensor:
+    """Mean number of non-zero code entries per token, from (…, k) TopK values."""
+    return (values != 0).sum(dim=-1).float().mean()
+
+
+def dead_fraction(tokens_since_fired: Tensor, threshold_tokens: int) -> float:
+    """Fraction of features that did not fire in the last `threshold_tokens` tokens."""
+    return (tokens_since_fired >= threshold_tokens).float().mean().item()
+
+
+def firing_counts(values: Tensor, indices: Tensor, width: int) -> Tensor:
+    """Per-feature count of tokens on which it fired (non-zero value), shape [width]."""
+    fired = indices.reshape(-1)[values.reshape(-1) != 0]
+    return torch.bincount(fired, minlength=width)

@@ -1,0 +1,95 @@
+"""Run configuration: `[model]`, `[data]`, `[train]`, `[strategy]` tables of a TOML file."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from saeformer.configio import apply_override, build, parse_override, read_config_file
+from saeformer.errors import UserError
+from saeformer.model.config import ModelConfig
+
+
+@dataclass
+class DataConfig:
+    """Where the prepared token shards are (see `saeformer prepare`)."""
+
+    dir: Path = Path("data/prepared/bundled")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, evaluation, logging and checkpoint cadence."""
+
+    steps: int = 1000
+    batch_size: int = 16  # sequences per optimizer step (global)
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_every: int = 100
+    eval_batches: int = 4
+    log_every: int = 10
+    ckpt_every: int = 200
+    keep_last: int = 2
+    seed: int = 0
+    device: str = "auto"
+    threads: int = 0  # torch CPU threads; 0 leaves torch's default
+
+
+@dataclass
+class StrategyConfig:
+    """Warm-up and convergence strategies for joint training (schedules in steps)."""
+
+    alpha_warmup_steps: int = 0  # bypass fade-in α: 0 → 1 at resid sites
+    k_start: int = 0  # k annealing from k_start (0: off) to each site's k ...
+    k_anneal_steps: int = 0  # ... over this many steps ...
+    k_levels: int = 4  # ... in this many discrete levels
+    aux_coef: float = 0.0  # AuxK loss weight (0: off)
+    k_aux: int = 256
+    dead_tokens: int = 1_000_000  # a feature is dead after this many tokens without firing
+    rec_coef: float = 0.0  # λ_rec: reconstruction FVU at resid sites (trains the bottleneck only)
+    unit_norm_decoder: bool = True  # renormalise decoder rows, drop the parallel gradient
+    bottleneck_lr_mult: float = 1.0
+
+
+@dataclass
+class RunConfig:
+    """Everything a training run needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+
+    def validate(self) -> None:
+        """Raise UserError for a config that cannot train."""
+        self.model.validate()
+        t, s = self.train, self.strategy
+        for name in ("steps", "batch_size", "grad_accum", "eval_every", "eval_batches",
+                     "log_every", "ckpt_every", "keep_last"):
+            if getattr(t, name) <= 0:
+                raise UserError(f"train.{name} must be positive, got {getattr(t, name)}")
+        if t.batch_size % t.grad_accum:
+            raise UserError(
+                f"train.batch_size ({t.batch_size}) must be divisible by train.grad_accum ({t.grad_accum})"
+            )
+        if t.lr <= 0 or not 0 <= t.min_lr_ratio <= 1:
+            raise UserError("train.lr must be positive and train.min_lr_ratio in [0, 1]")
+        if s.k_start and s.k_anneal_steps <= 0:
+            raise UserError("strategy.k_start needs strategy.k_anneal_steps > 0")
+        if min(s.aux_coef, s.rec_coef, s.k_aux, s.dead_tokens, s.k_levels) < 0:
+            raise UserError("strategy coefficients and counts must be non-negative")
+
+
+def load_config(path: Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a TOML (or resolved JSON) run config, apply `--set key=value` overrides, build it."""
+    data: dict[str, Any] = read_config_file(path)
+    for text in overrides or []:
+        apply_override(data, *parse_override(text))
+    return build(RunConfig, data, where=str(path))

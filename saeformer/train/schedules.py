@@ -1,0 +1,32 @@
+"""Step-indexed schedules: learning rate, bypass fade-in α and k annealing."""
+
+from __future__ import annotations
+
+import math
+
+from saeformer.train.config import StrategyConfig, TrainConfig
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to cfg.lr, then cosine decay to cfg.lr·min_lr_ratio at cfg.steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def alpha_at(step: int, cfg: StrategyConfig) -> float:
+    """Bypass fade-in: α rises linearly from 0 to 1 over alpha_warmup_steps (1 when off)."""
+    if cfg.alpha_warmup_steps <= 0:
+        return 1.0
+    return min(1.0, step / cfg.alpha_warmup_steps)
+
+
+def k_at(step: int, k_final: int, width: int, cfg: StrategyConfig) -> int:
+    """k annealing from k_start to k_final in k_levels geometric steps (k_final when off)."""
+    k_start = min(cfg.k_start, width)
+    if k_start <= k_final or step >= cfg.k_anneal_steps:
+        return k_final
+    level = step * cfg.k_levels // cfg.k_anneal_steps
+    return round(k_start * (k_final / k_start) ** (level / cfg.k_levels))

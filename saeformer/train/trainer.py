@@ -1,0 +1,352 @@
+"""The joint-training loop: schedules, losses, logging, evaluation and checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from saeformer.analysis.metrics import dead_fraction
+from saeformer.atomic import write_json
+from saeformer.configio import to_dict
+from saeformer.errors import UserError
+from saeformer.model import AuxRequest, Output, Transformer
+from saeformer.train.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
+from saeformer.train.config import RunConfig
+from saeformer.train.data import Batches, TokenData, fixed_windows
+from saeformer.train.optim import build_optimizer, set_lr
+from saeformer.train.schedules import alpha_at, k_at, lr_at
+from saeformer.train.strategy import (
+    normalize_decoders,
+    remove_parallel_decoder_grads,
+    update_dead_counters,
+)
+
+MAX_SKIPPED_STEPS = 5
+
+
+@dataclass
+class Progress:
+    """Counters that, with the weights, optimizer and RNGs, make a resume exact."""
+
+    step: int = 0
+    tokens: int = 0
+    position: int = 0
+    skipped_in_a_row: int = 0
+    last_checkpoint: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def pick_device(name: str) -> torch.device:
+    """`auto` means CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"train.device = {name!r} but no CUDA device is available")
+    return torch.device(name)
+
+
+class Trainer:
+    """Trains a bottleneck Transformer from a RunConfig into a run directory."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, *, resume: bool = False) -> None:
+        self.cfg, self.run_dir = cfg, run_dir
+        self.data = TokenData(cfg.data.dir)
+        self._resolve_vocab()
+        cfg.validate()
+        self._prepare_run_dir(resume)
+        if cfg.train.threads > 0:
+            torch.set_num_threads(cfg.train.threads)
+        self.device = pick_device(cfg.train.device)
+        torch.manual_seed(cfg.train.seed)
+        self.model = Transformer(cfg.model).to(self.device)
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.batches = Batches(self.data.split("train"), cfg.model.context, cfg.train.seed)
+        val_count = cfg.train.eval_batches * cfg.train.batch_size // cfg.train.grad_accum
+        self.val_x, self.val_y = fixed_windows(self.data.split("val"), cfg.model.context, val_count)
+        self.progress = Progress()
+        self.since_fired = {
+            b.id: torch.zeros(b.width, dtype=torch.int64, device=self.device)
+            for b in cfg.model.bottleneck
+        }
+        self.widths = {b.id: b.width for b in cfg.model.bottleneck}
+        self.k_final = {b.id: b.k for b in cfg.model.bottleneck}
+        if resume:
+            self._resume()
+        self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=self.progress.step or None)
+        self.stop_signal: int | None = None
+        self.last_eval: dict[str, float] = {}
+        self.throughput = 0.0
+
+    # ----- set-up -------------------------------------------------------------------------
+
+    def _resolve_vocab(self) -> None:
+        model = self.cfg.model
+        if model.vocab_size == 0:
+            model.vocab_size = self.data.vocab_size
+        elif model.vocab_size < self.data.vocab_size:
+            raise UserError(
+                f"model.vocab_size = {model.vocab_size} is smaller than the data's "
+                f"vocabulary ({self.data.vocab_size})"
+            )
+
+    def _prepare_run_dir(self, resume: bool) -> None:
+        run_dir = self.run_dir
+        if resume:
+            if latest_checkpoint(run_dir) is None:
+                raise UserError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
+            return
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise UserError(
+                f"run directory {run_dir} already exists: pass --resume to continue it, "
+                "or choose another --run-dir"
+            )
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "config.json", to_dict(self.cfg))
+        shutil.copyfile(self.data.tokenizer_path, run_dir / "tokenizer.json")
+
+    def _resume(self) -> None:
+        path = latest_checkpoint(self.run_dir)
+        ckpt = load_checkpoint(path, self.model, self.optimizer)
+        s = ckpt.state
+        self.progress = Progress(**s["progress"])
+        random.setstate(_to_tuple(s["rng"]["python"]))
+        np.random.set_state(_numpy_from_json(s["rng"]["numpy"]))
+        torch.set_rng_state(ckpt.tensors["rng.torch"])
+        for bid, counter in self.since_fired.items():
+            counter.copy_(ckpt.tensors[f"since_fired.{bid}"])
+        tqdm.write(f"resumed from {path} at step {self.progress.step}")
+
+    # ----- one step -----------------------------------------------------------------------
+
+    def schedule(self, step: int) -> tuple[dict[str, float], dict[str, int]]:
+        """Per-bottleneck α and k at `step`."""
+        s = self.cfg.strategy
+        alpha = {bid: alpha_at(step, s) for bid in self.widths if bid.startswith("resid")}
+        ks = {bid: k_at(step, self.k_final[bid], self.widths[bid], s) for bid in self.widths}
+        return alpha, ks
+
+    def _aux_requests(self) -> dict[str, AuxRequest]:
+        s = self.cfg.strategy
+        if s.aux_coef <= 0 and s.rec_coef <= 0:
+            return {}
+        return {
+            bid: AuxRequest(
+                rec=s.rec_coef > 0,
+                dead_mask=self.since_fired[bid] >= s.dead_tokens if s.aux_coef > 0 else None,
+                k_aux=min(s.k_aux, self.widths[bid]) if s.aux_coef > 0 else 0,
+            )
+            for bid in self.widths if bid.startswith("resid")
+        }
+
+    def _loss(self, out: Output) -> tuple[torch.Tensor, dict[str, float]]:
+        s = self.cfg.strategy
+        loss = out.loss
+        logged = {}
+        for bid, site in out.sites.items():
+            if site.rec_loss is not None:
+                loss = loss + s.rec_coef * site.rec_loss
+                logged[f"{bid}/rec_loss"] = site.rec_loss.item()
+            if site.auxk_loss is not None:
+                loss = loss + s.aux_coef * site.auxk_loss
+                logged[f"{bid}/auxk_loss"] = site.auxk_loss.item()
+        return loss, logged
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step over `batch_size` sequences in `grad_accum` micro-batches."""
+        t, p = self.cfg.train, self.progress
+        lr = lr_at(p.step, t)
+        set_lr(self.optimizer, lr)
+        alpha, ks = self.schedule(p.step)
+        aux = self._aux_requests()
+        micro = t.batch_size // t.grad_accum
+        stats: dict[str, float] = {}
+        self.model.train()
+        for m in range(t.grad_accum):
+            x, y = self.batches.samples(p.position + m * micro, micro)
+            out = self.model(x.to(self.device), y.to(self.device), alpha=alpha, k=ks, aux=aux)
+            loss, logged = self._loss(out)
+            (loss / t.grad_accum).backward()
+            _accumulate(stats, {"train/loss": out.loss.item(), **logged}, t.grad_accum)
+            for bid, site in out.sites.items():
+                update_dead_counters(self.since_fired[bid], site.counts, x.numel())
+                _accumulate(stats, {f"{bid}/l0": site.l0.item()}, t.grad_accum)
+                if site.fvu is not None:
+                    _accumulate(stats, {f"{bid}/fvu": site.fvu.item()}, t.grad_accum)
+        self._optimizer_step(stats)
+        p.step += 1
+        p.position += t.batch_size
+        p.tokens += t.batch_size * self.cfg.model.context
+        stats["train/lr"] = lr
+        for bid in self.widths:
+            stats[f"{bid}/k"] = ks[bid]
+            stats[f"{bid}/dead_frac"] = dead_fraction(self.since_fired[bid], self.cfg.strategy.dead_tokens)
+        stats.update({f"{bid}/alpha": a for bid, a in alpha.items()})
+        return stats
+
+    def _optimizer_step(self, stats: dict[str, float]) -> None:
+        if self.cfg.strategy.unit_norm_decoder:
+            remove_parallel_decoder_grads(self.model)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+        stats["train/grad_norm"] = grad_norm.item()
+        if not (math.isfinite(stats["train/loss"]) and math.isfinite(stats["train/grad_norm"])):
+            self._skip_step()
+            return
+        self.progress.skipped_in_a_row = 0
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.cfg.strategy.unit_norm_decoder:
+            normalize_decoders(self.model)
+
+    def _skip_step(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        p = self.progress
+        p.skipped_in_a_row += 1
+        tqdm.write(f"step {p.step}: non-finite loss or gradient, step skipped")
+        if p.skipped_in_a_row >= MAX_SKIPPED_STEPS:
+            raise UserError(
+                f"{p.skipped_in_a_row} non-finite steps in a row at step {p.step}; "
+                f"last good checkpoint: {p.last_checkpoint or 'none'}"
+            )
+
+    # ----- evaluation, logging, checkpoints -----------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Validation CE and per-site L0/FVU on the fixed validation windows, at the current α, k."""
+        self.model.eval()
+        alpha, ks = self.schedule(self.progress.step)
+        micro = self.cfg.train.batch_size // self.cfg.train.grad_accum
+        chunks = range(0, len(self.val_x), micro)
+        stats: dict[str, float] = {}
+        for i in chunks:
+            x = self.val_x[i:i + micro].to(self.device)
+            y = self.val_y[i:i + micro].to(self.device)
+            out = self.model(x, y, alpha=alpha, k=ks)
+            _accumulate(stats, {"val/loss": out.loss.item()}, len(chunks))
+            for bid, site in out.sites.items():
+                _accumulate(stats, {f"val/{bid}/l0": site.l0.item()}, len(chunks))
+                if site.fvu is not None:
+                    _accumulate(stats, {f"val/{bid}/fvu": site.fvu.item()}, len(chunks))
+        return stats
+
+    def log(self, stats: dict[str, float]) -> None:
+        """Write scalars to TensorBoard and to metrics.jsonl."""
+        step = self.progress.step
+        for tag, value in stats.items():
+            self.writer.add_scalar(tag, value, step)
+        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"step": step, "tokens": self.progress.tokens, **stats}) + "\n")
+
+    def save(self) -> Path:
+        """Commit a checkpoint of the current step."""
+        state = {
+            "progress": vars(self.progress),
+            "rng": {"python": random.getstate(), "numpy": _numpy_state()},
+        }
+        tensors = {"rng.torch": torch.get_rng_state()}
+        tensors.update({f"since_fired.{bid}": c for bid, c in self.since_fired.items()})
+        path = save_checkpoint(
+            self.run_dir, self.progress.step, self.model, self.optimizer,
+            Checkpoint(state=state, tensors=tensors), to_dict(self.cfg), self.cfg.train.keep_last,
+        )
+        self.progress.last_checkpoint = str(path)
+        return path
+
+    # ----- the loop -----------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        """Train to cfg.train.steps (or until SIGINT/SIGTERM), then return the run summary."""
+        t = self.cfg.train
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        bar = tqdm(total=t.steps, initial=self.progress.step, desc="train", unit="step",
+                   dynamic_ncols=True)
+        try:
+            self._loop(bar)
+        finally:
+            bar.close()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self.writer.close()
+        return self.summary()
+
+    def _loop(self, bar: tqdm) -> None:
+        t, p = self.cfg.train, self.progress
+        window_start, window_tokens = time.perf_counter(), 0
+        while p.step < t.steps:
+            stats = self.train_step()
+            window_tokens += t.batch_size * self.cfg.model.context
+            bar.update(1)
+            done = p.step == t.steps
+            if p.step % t.log_every == 0 or done:
+                self.throughput = window_tokens / (time.perf_counter() - window_start)
+                stats["train/tokens_per_s"] = self.throughput
+                self.log(stats)
+                bar.set_postfix(loss=f"{stats['train/loss']:.3f}", tok_s=f"{self.throughput:,.0f}")
+                window_start, window_tokens = time.perf_counter(), 0
+            if p.step % t.eval_every == 0 or done:
+                self.last_eval = self.evaluate()
+                self.log(self.last_eval)
+                tqdm.write(f"step {p.step}: val loss {self.last_eval['val/loss']:.4f}")
+            if p.step % t.ckpt_every == 0 or done or self.stop_signal is not None:
+                self.save()
+            if self.stop_signal is not None:
+                tqdm.write(f"stopped by signal {self.stop_signal} at step {p.step}; checkpoint saved")
+                return
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        self.stop_signal = signum
+
+    def summary(self) -> dict[str, Any]:
+        """Final numbers of the run, also written to summary.json."""
+        s = self.cfg.strategy
+        sites = {}
+        for bid in self.widths:
+            sites[bid] = {
+                "l0": self.last_eval.get(f"val/{bid}/l0"),
+                "k": self.k_final[bid],
+                "fvu": self.last_eval.get(f"val/{bid}/fvu"),
+                "dead_frac": dead_fraction(self.since_fired[bid], s.dead_tokens),
+            }
+        summary = {
+            "step": self.progress.step,
+            "tokens": self.progress.tokens,
+            "val_loss": self.last_eval.get("val/loss"),
+            "tokens_per_s": self.throughput,
+            "dead_threshold_tokens": s.dead_tokens,
+            "sites": sites,
+            "tensorboard": str(self.run_dir / "tb"),
+            "checkpoint": self.progress.last_checkpoint,
+        }
+        write_json(self.run_dir / "summary.json", summary)
+        return summary
+
+
+def _accumulate(stats: dict[str, float], values: dict[str, float], n: int) -> None:
+    for key, value in values.items():
+        stats[key] = stats.get(key, 0.0) + value / n
+
+
+def _numpy_state() -> list[Any]:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return [name, keys.tolist(), pos, has_gauss, cached]
+
+
+def _numpy_from_json(state: list[Any]) -> tuple[Any, ...]:
+    name, keys, pos, has_gauss, cached = state
+    return name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached
+
+
+def _to_tuple(value: Any) -> Any:
+    return tuple(_to_tuple(v) for v in value) if isinstance(value, list) else value
