@@ -1,4 +1,4 @@
-"""saeformer: pretrain GPT-style Transformers with TopK sparse bottlenecks, interpretable by construction."""
+"""saeformer: pretrain Transformers with TopK sparse bottlenecks, interpretable by construction."""
 
 from __future__ import annotations
 

@@ -13,8 +13,12 @@ def _prepare(args: argparse.Namespace) -> None:
     from saeformer.train.prepare import PrepareConfig, prepare_corpus
 
     cfg = PrepareConfig(
-        out_dir=args.out, sources=args.sources, tokenizer=args.tokenizer,
-        vocab_size=args.vocab_size, val_fraction=args.val_fraction, max_chars=args.max_chars,
+        out_dir=args.out,
+        sources=args.sources,
+        tokenizer=args.tokenizer,
+        vocab_size=args.vocab_size,
+        val_fraction=args.val_fraction,
+        max_chars=args.max_chars,
     )
     out = prepare_corpus(cfg)
     print(f"prepared token shards in {out}")
@@ -44,31 +48,62 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("prepare", help="turn text into token shards (train/val) and a tokenizer",
-                       description="Tokenise text into uint16/uint32 shards with a held-out "
-                       "validation split. Default corpus: the bundled English texts in data/.")
+    p = sub.add_parser(
+        "prepare",
+        help="turn text into token shards (train/val) and a tokenizer",
+        description="Tokenise text into uint16/uint32 shards with a held-out "
+        "validation split. Default corpus: the bundled English texts in data/.",
+    )
     p.add_argument("--out", type=Path, required=True, help="output directory for the shards")
-    p.add_argument("sources", nargs="*", default=[],
-                   help=".txt/.txt.xz/.jsonl/.parquet files or folders, or a HF dataset name")
-    p.add_argument("--tokenizer", type=Path, default=None,
-                   help="an existing tokenizer.json (default: train a byte-level BPE)")
+    p.add_argument(
+        "sources",
+        nargs="*",
+        default=[],
+        help=".txt/.txt.xz/.jsonl/.parquet files or folders, or a HF dataset name",
+    )
+    p.add_argument(
+        "--tokenizer",
+        type=Path,
+        default=None,
+        help="an existing tokenizer.json (default: train a byte-level BPE)",
+    )
     p.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size (8192)")
-    p.add_argument("--val-fraction", type=float, default=0.02,
-                   help="fraction of every source held out for validation (0.02)")
-    p.add_argument("--max-chars", type=int, default=None,
-                   help="read at most this many characters per source (quick runs)")
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.02,
+        help="fraction of every source held out for validation (0.02)",
+    )
+    p.add_argument(
+        "--max-chars",
+        type=int,
+        default=None,
+        help="read at most this many characters per source (quick runs)",
+    )
     p.set_defaults(func=_prepare)
 
-    t = sub.add_parser("train", help="train a bottleneck Transformer from a TOML config",
-                       description="Train from CONFIG.toml into a run directory with "
-                       "checkpoints, TensorBoard logs and a summary.")
+    t = sub.add_parser(
+        "train",
+        help="train a bottleneck Transformer from a TOML config",
+        description="Train from CONFIG.toml into a run directory with "
+        "checkpoints, TensorBoard logs and a summary.",
+    )
     t.add_argument("config", type=Path, nargs="?", help="the run config (TOML)")
-    t.add_argument("--run-dir", type=Path, default=None,
-                   help="output directory (default: runs/<config name>)")
-    t.add_argument("--resume", action="store_true",
-                   help="continue the run in --run-dir from its latest checkpoint")
-    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. train.lr=3e-4 or model.bottleneck.0.k=64")
+    t.add_argument(
+        "--run-dir", type=Path, default=None, help="output directory (default: runs/<config name>)"
+    )
+    t.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --run-dir from its latest checkpoint",
+    )
+    t.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. train.lr=3e-4 or model.bottleneck.0.k=64",
+    )
     t.set_defaults(func=_train)
     return parser
 

@@ -126,6 +126,7 @@ def _scalar(hint: Any, value: Any, where: str) -> Any:
 
 def to_dict(config: Any) -> dict[str, Any]:
     """A JSON-ready dict of a dataclass config (Paths as strings)."""
+
     def convert(value: Any) -> Any:
         if isinstance(value, Path):
             return str(value)

@@ -31,8 +31,9 @@ def load_run(path: str | Path, step: int | None = None, device: str = "cpu") -> 
     if not config_file.is_file():
         raise UserError(f"{run_dir} is not a run directory (no config.json)")
     config = load_config(config_file)
-    checkpoint = run_dir / "checkpoints" / f"step_{step}" if step is not None \
-        else latest_checkpoint(run_dir)
+    checkpoint = (
+        run_dir / "checkpoints" / f"step_{step}" if step is not None else latest_checkpoint(run_dir)
+    )
     if checkpoint is None or not checkpoint.is_dir():
         raise UserError(f"{run_dir}: no checkpoint {'at step ' + str(step) if step else 'yet'}")
     model = Transformer(config.model)

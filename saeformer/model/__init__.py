@@ -5,6 +5,12 @@ from saeformer.model.config import BottleneckConfig, ModelConfig
 from saeformer.model.transformer import Output, Transformer
 
 __all__ = [
-    "AuxRequest", "Bottleneck", "BottleneckConfig", "ModelConfig", "Output", "SiteOutput",
-    "TopKMLP", "Transformer",
+    "AuxRequest",
+    "Bottleneck",
+    "BottleneckConfig",
+    "ModelConfig",
+    "Output",
+    "SiteOutput",
+    "TopKMLP",
+    "Transformer",
 ]

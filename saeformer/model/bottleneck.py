@@ -36,7 +36,10 @@ class SiteOutput:
 
 
 class Bottleneck(nn.Module):
-    """SAE-like TopK layer: out = α·ĥ + (1−α)·h with ĥ = W_decᵀ TopK(ReLU(W_enc(h − b_dec) + b_enc)) + b_dec."""
+    """SAE-like TopK layer: out = α·ĥ + (1−α)·h.
+
+    ĥ = W_decᵀ TopK(ReLU(W_enc(h − b_dec) + b_enc)) + b_dec, with unit-norm decoder rows.
+    """
 
     def __init__(self, d_model: int, width: int, k: int) -> None:
         super().__init__()
@@ -61,7 +64,9 @@ class Bottleneck(nn.Module):
         """Rescale decoder rows to unit norm."""
         self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
 
-    def encode(self, h: Tensor, k: int, dead_mask: Tensor | None = None, k_aux: int = 0) -> EncodeResult:
+    def encode(
+        self, h: Tensor, k: int, dead_mask: Tensor | None = None, k_aux: int = 0
+    ) -> EncodeResult:
         """Sparse code of rows h [N, d]: TopK of ReLU(W_enc (h − b_dec) + b_enc)."""
         return encode_topk(h - self.b_dec, self.W_enc, self.b_enc, k, dead_mask, k_aux)
 
@@ -70,8 +75,13 @@ class Bottleneck(nn.Module):
         return sparse_decode(values, indices, self.W_dec) + self.b_dec
 
     def forward(
-        self, h: Tensor, *, alpha: float = 1.0, k: int | None = None,
-        aux: AuxRequest | None = None, keep_code: bool = False,
+        self,
+        h: Tensor,
+        *,
+        alpha: float = 1.0,
+        k: int | None = None,
+        aux: AuxRequest | None = None,
+        keep_code: bool = False,
     ) -> tuple[Tensor, SiteOutput]:
         """Return α·ĥ + (1−α)·h for h [..., d] and the site's stats and auxiliary losses."""
         k = self.k if k is None else k
@@ -92,7 +102,7 @@ class Bottleneck(nn.Module):
         return out.reshape(h.shape), site
 
     def _auxiliary_losses(self, rows: Tensor, k: int, aux: AuxRequest, site: SiteOutput) -> None:
-        """Reconstruction FVU and AuxK from a second pass on detached h: they never move the host."""
+        """Reconstruction FVU and AuxK from a second pass on detached h (never moves the host)."""
         code = self.encode(rows, k, aux.dead_mask, aux.k_aux)
         h_hat = self.decode(code.values, code.indices)
         if aux.rec:
@@ -114,7 +124,9 @@ class TopKMLP(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(d_model))
         nn.init.normal_(self.W_dec, std=0.02 / math.sqrt(2 * n_layers))
 
-    def forward(self, x: Tensor, *, k: int | None = None, keep_code: bool = False) -> tuple[Tensor, SiteOutput]:
+    def forward(
+        self, x: Tensor, *, k: int | None = None, keep_code: bool = False
+    ) -> tuple[Tensor, SiteOutput]:
         """Return the MLP output for x [..., d] and the site's stats."""
         k = self.k if k is None else k
         hidden = F.gelu(self.up(x.reshape(-1, self.d_model)))

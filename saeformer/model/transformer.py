@@ -62,7 +62,9 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = self.rotary(q), self.rotary(k)
         if self.use_flash and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
-            y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
+            y = flash_attn_func(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True
+            )
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
         return self.proj(y.reshape(b, t, d))
@@ -94,7 +96,9 @@ class Block(nn.Module):
         self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mlp: MLP | TopKMLP = topk_mlp if topk_mlp is not None else MLP(cfg)
 
-    def forward(self, x: Tensor, k: int | None, keep_code: bool) -> tuple[Tensor, SiteOutput | None]:
+    def forward(
+        self, x: Tensor, k: int | None, keep_code: bool
+    ) -> tuple[Tensor, SiteOutput | None]:
         x = x + self.attn(self.attn_norm(x))
         if isinstance(self.mlp, TopKMLP):
             y, site = self.mlp(self.mlp_norm(x), k=k, keep_code=keep_code)
@@ -114,10 +118,13 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(
             Block(cfg, self._topk_mlp(mlp_sites.get(i))) for i in range(cfg.n_layers)
         )
-        self.resid = nn.ModuleDict({
-            str(b.layer): Bottleneck(cfg.d_model, b.width, b.k)
-            for b in cfg.bottleneck if b.site == "resid"
-        })
+        self.resid = nn.ModuleDict(
+            {
+                str(b.layer): Bottleneck(cfg.d_model, b.width, b.k)
+                for b in cfg.bottleneck
+                if b.site == "resid"
+            }
+        )
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self._init_dense_weights()
@@ -144,9 +151,14 @@ class Transformer(nn.Module):
         return self.resid[layer] if site == "resid" else self.blocks[int(layer)].mlp
 
     def forward(
-        self, tokens: Tensor, targets: Tensor | None = None, *,
-        alpha: Mapping[str, float] | None = None, k: Mapping[str, int] | None = None,
-        aux: Mapping[str, AuxRequest] | None = None, keep_codes: bool = False,
+        self,
+        tokens: Tensor,
+        targets: Tensor | None = None,
+        *,
+        alpha: Mapping[str, float] | None = None,
+        k: Mapping[str, int] | None = None,
+        aux: Mapping[str, AuxRequest] | None = None,
+        keep_codes: bool = False,
     ) -> Output:
         """Logits for tokens [B, T]; CE against targets; per-bottleneck stats under `sites`."""
         alpha, k, aux = alpha or {}, k or {}, aux or {}
@@ -159,7 +171,11 @@ class Transformer(nn.Module):
             if str(i) in self.resid:
                 bid = f"resid.{i}"
                 x, out.sites[bid] = self.resid[str(i)](
-                    x, alpha=alpha.get(bid, 1.0), k=k.get(bid), aux=aux.get(bid), keep_code=keep_codes
+                    x,
+                    alpha=alpha.get(bid, 1.0),
+                    k=k.get(bid),
+                    aux=aux.get(bid),
+                    keep_code=keep_codes,
                 )
         out.logits = self.lm_head(self.norm(x))
         if targets is not None:

@@ -19,7 +19,10 @@ from saeformer.errors import UserError
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 MODEL_FILE, OPTIM_FILE, STATE_FILE, TENSORS_FILE = (
-    "model.safetensors", "optimizer.pt", "state.json", "trainer.safetensors"
+    "model.safetensors",
+    "optimizer.pt",
+    "state.json",
+    "trainer.safetensors",
 )
 
 
@@ -44,8 +47,13 @@ def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(
-    run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-    ckpt: Checkpoint, config: dict[str, Any], keep_last: int,
+    run_dir: Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ckpt: Checkpoint,
+    config: dict[str, Any],
+    keep_last: int,
 ) -> Path:
     """Write step_<step> atomically, then prune all but the newest `keep_last` checkpoints."""
     root = run_dir / "checkpoints"
@@ -54,8 +62,10 @@ def save_checkpoint(
         with atomic_dir(final) as tmp:
             save_file(model_tensors(model), tmp / MODEL_FILE)
             torch.save(optimizer.state_dict(), tmp / OPTIM_FILE)
-            save_file({k: v.detach().cpu().contiguous() for k, v in ckpt.tensors.items()},
-                      tmp / TENSORS_FILE)
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in ckpt.tensors.items()},
+                tmp / TENSORS_FILE,
+            )
             write_json(tmp / STATE_FILE, ckpt.state)
             write_json(tmp / "config.json", config)
     except OSError as exc:
@@ -92,18 +102,26 @@ def load_model_weights(path: Path, model: nn.Module) -> None:
     unexpected = [k for k in tensors if k not in expected]
     wrong = [k for k, v in tensors.items() if k in expected and v.shape != expected[k].shape]
     if missing or unexpected or wrong:
-        detail = (missing and f"missing {missing[0]}") or (unexpected and f"unexpected {unexpected[0]}") \
+        detail = (
+            (missing and f"missing {missing[0]}")
+            or (unexpected and f"unexpected {unexpected[0]}")
             or f"shape of {wrong[0]}"
+        )
         raise UserError(f"{file} does not fit this model's architecture ({detail})")
     model.load_state_dict(tensors, strict=False)
 
 
 def _is_tied(model: nn.Module, name: str) -> bool:
-    return name == "lm_head.weight" and getattr(model, "cfg", None) is not None \
+    return (
+        name == "lm_head.weight"
+        and getattr(model, "cfg", None) is not None
         and model.cfg.tie_embeddings
+    )
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> Checkpoint:
+def load_checkpoint(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None
+) -> Checkpoint:
     """Restore weights (and optimizer state when given); return the trainer state."""
     load_model_weights(path, model)
     try:

@@ -71,13 +71,22 @@ class RunConfig:
         """Raise UserError for a config that cannot train."""
         self.model.validate()
         t, s = self.train, self.strategy
-        for name in ("steps", "batch_size", "grad_accum", "eval_every", "eval_batches",
-                     "log_every", "ckpt_every", "keep_last"):
+        for name in (
+            "steps",
+            "batch_size",
+            "grad_accum",
+            "eval_every",
+            "eval_batches",
+            "log_every",
+            "ckpt_every",
+            "keep_last",
+        ):
             if getattr(t, name) <= 0:
                 raise UserError(f"train.{name} must be positive, got {getattr(t, name)}")
         if t.batch_size % t.grad_accum:
             raise UserError(
-                f"train.batch_size ({t.batch_size}) must be divisible by train.grad_accum ({t.grad_accum})"
+                f"train.batch_size ({t.batch_size}) must be divisible by "
+                f"train.grad_accum ({t.grad_accum})"
             )
         if t.lr <= 0 or not 0 <= t.min_lr_ratio <= 1:
             raise UserError("train.lr must be positive and train.min_lr_ratio in [0, 1]")

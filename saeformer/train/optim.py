@@ -23,8 +23,11 @@ def build_optimizer(model: Transformer, cfg: RunConfig) -> torch.optim.AdamW:
     param_groups = [
         {"params": groups["decay"], "weight_decay": t.weight_decay, "lr_mult": 1.0},
         {"params": groups["no_decay"], "weight_decay": 0.0, "lr_mult": 1.0},
-        {"params": groups["bottleneck"], "weight_decay": 0.0,
-         "lr_mult": cfg.strategy.bottleneck_lr_mult},
+        {
+            "params": groups["bottleneck"],
+            "weight_decay": 0.0,
+            "lr_mult": cfg.strategy.bottleneck_lr_mult,
+        },
     ]
     fused = next(model.parameters()).is_cuda
     return torch.optim.AdamW(

@@ -16,8 +16,10 @@ def print_summary(summary: dict[str, Any]) -> None:
     print(f"  throughput        {_fmt(summary['tokens_per_s'], ',.0f')} tokens/s")
     dead_t = summary["dead_threshold_tokens"]
     for bid, site in summary["sites"].items():
-        print(f"  {bid:<8}  L0 {_fmt(site['l0'], '.1f')} (k = {site['k']})  "
-              f"FVU {_fmt(site['fvu'], '.3f')}  dead {_fmt(site['dead_frac'], '.1%')} "
-              f"(no firing in {dead_t:,} tokens)")
+        print(
+            f"  {bid:<8}  L0 {_fmt(site['l0'], '.1f')} (k = {site['k']})  "
+            f"FVU {_fmt(site['fvu'], '.3f')}  dead {_fmt(site['dead_frac'], '.1%')} "
+            f"(no firing in {dead_t:,} tokens)"
+        )
     print(f"  TensorBoard       tensorboard --logdir {summary['tensorboard']}")
     print(f"  checkpoint        {summary['checkpoint']}")

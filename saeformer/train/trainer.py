@@ -22,7 +22,12 @@ from saeformer.atomic import write_json
 from saeformer.configio import to_dict
 from saeformer.errors import UserError
 from saeformer.model import AuxRequest, Output, Transformer
-from saeformer.train.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
+from saeformer.train.checkpoint import (
+    Checkpoint,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from saeformer.train.config import RunConfig
 from saeformer.train.data import Batches, TokenData, fixed_windows
 from saeformer.train.optim import build_optimizer, set_lr
@@ -147,7 +152,8 @@ class Trainer:
                 dead_mask=self.since_fired[bid] >= s.dead_tokens if s.aux_coef > 0 else None,
                 k_aux=min(s.k_aux, self.widths[bid]) if s.aux_coef > 0 else 0,
             )
-            for bid in self.widths if bid.startswith("resid")
+            for bid in self.widths
+            if bid.startswith("resid")
         }
 
     def _loss(self, out: Output) -> tuple[torch.Tensor, dict[str, float]]:
@@ -191,14 +197,18 @@ class Trainer:
         stats["train/lr"] = lr
         for bid in self.widths:
             stats[f"{bid}/k"] = ks[bid]
-            stats[f"{bid}/dead_frac"] = dead_fraction(self.since_fired[bid], self.cfg.strategy.dead_tokens)
+            stats[f"{bid}/dead_frac"] = dead_fraction(
+                self.since_fired[bid], self.cfg.strategy.dead_tokens
+            )
         stats.update({f"{bid}/alpha": a for bid, a in alpha.items()})
         return stats
 
     def _optimizer_step(self, stats: dict[str, float]) -> None:
         if self.cfg.strategy.unit_norm_decoder:
             remove_parallel_decoder_grads(self.model)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.model.parameters(), self.cfg.train.grad_clip
+        )
         stats["train/grad_norm"] = grad_norm.item()
         if not (math.isfinite(stats["train/loss"]) and math.isfinite(stats["train/grad_norm"])):
             self._skip_step()
@@ -224,15 +234,15 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Validation CE and per-site L0/FVU on the fixed validation windows, at the current α, k."""
+        """Validation CE and per-site L0/FVU on the fixed validation windows at current α, k."""
         self.model.eval()
         alpha, ks = self.schedule(self.progress.step)
         micro = self.cfg.train.batch_size // self.cfg.train.grad_accum
         chunks = range(0, len(self.val_x), micro)
         stats: dict[str, float] = {}
         for i in chunks:
-            x = self.val_x[i:i + micro].to(self.device)
-            y = self.val_y[i:i + micro].to(self.device)
+            x = self.val_x[i : i + micro].to(self.device)
+            y = self.val_y[i : i + micro].to(self.device)
             out = self.model(x, y, alpha=alpha, k=ks)
             _accumulate(stats, {"val/loss": out.loss.item()}, len(chunks))
             for bid, site in out.sites.items():
@@ -258,8 +268,13 @@ class Trainer:
         tensors = {"rng.torch": torch.get_rng_state()}
         tensors.update({f"since_fired.{bid}": c for bid, c in self.since_fired.items()})
         path = save_checkpoint(
-            self.run_dir, self.progress.step, self.model, self.optimizer,
-            Checkpoint(state=state, tensors=tensors), to_dict(self.cfg), self.cfg.train.keep_last,
+            self.run_dir,
+            self.progress.step,
+            self.model,
+            self.optimizer,
+            Checkpoint(state=state, tensors=tensors),
+            to_dict(self.cfg),
+            self.cfg.train.keep_last,
         )
         self.progress.last_checkpoint = str(path)
         return path
@@ -270,8 +285,9 @@ class Trainer:
         """Train to cfg.train.steps (or until SIGINT/SIGTERM), then return the run summary."""
         t = self.cfg.train
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        bar = tqdm(total=t.steps, initial=self.progress.step, desc="train", unit="step",
-                   dynamic_ncols=True)
+        bar = tqdm(
+            total=t.steps, initial=self.progress.step, desc="train", unit="step", dynamic_ncols=True
+        )
         try:
             self._loop(bar)
         finally:
@@ -302,7 +318,9 @@ class Trainer:
             if p.step % t.ckpt_every == 0 or done or self.stop_signal is not None:
                 self.save()
             if self.stop_signal is not None:
-                tqdm.write(f"stopped by signal {self.stop_signal} at step {p.step}; checkpoint saved")
+                tqdm.write(
+                    f"stopped by signal {self.stop_signal} at step {p.step}; checkpoint saved"
+                )
                 return
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
