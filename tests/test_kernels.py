@@ -10,6 +10,7 @@ import random
 import sys
 import types
 import warnings
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -33,7 +34,7 @@ MARGIN = 1e-3  # sampled inputs keep selections and ReLU signs this far from a f
 
 
 @pytest.fixture(autouse=True)
-def _torch_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+def _torch_kernels(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Route the public API to the torch kernels and reset the cached Triton import."""
     monkeypatch.setenv(dispatch.ENV_VAR, "torch")
     dispatch._triton_or_torch.cache_clear()
@@ -200,6 +201,11 @@ def test_topk_ties(seed: int) -> None:
     ],
 )
 def test_sparse_decode_matches_reference(seed, n, f, d, k, dtype, contiguous) -> None:
+    check_decode(seed, n, f, d, k, dtype, contiguous=contiguous)
+
+
+def check_decode(seed: int, n, f, d, k, dtype, *, contiguous=True) -> None:
+    """sparse_decode output and grads (values, W_dec) against the dense float64 reference."""
     gen = torch.Generator().manual_seed(seed)
     values = torch.randn(n, k, generator=gen, dtype=F64).to(dtype)
     # with replacement: indices repeat across rows and within rows
@@ -315,7 +321,7 @@ def test_encode_topk_auxk(seed, n_dead, k_aux, dtype, contiguous) -> None:
 def test_chunked_primitives(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch_ops, "_CHUNK_ELEMS", 50)  # a few rows per chunk
     check_encode(seed, 33, 29, 6, 4, F64, n_dead=9, k_aux=3)
-    test_sparse_decode_matches_reference(seed, 33, 29, 6, 4, F64, False)
+    check_decode(seed, 33, 29, 6, 4, F64, contiguous=False)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
@@ -467,4 +473,3 @@ def test_bad_env_value_is_a_user_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(dispatch.ENV_VAR, "cuda")
     with pytest.raises(UserError, match="SAEFORMER_KERNELS"):
         kernels.topk(torch.zeros(2, 3), 1)
-

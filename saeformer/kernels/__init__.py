@@ -25,9 +25,7 @@ def topk(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
 def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
     """out[..., :] = Σ_j values[..., j] · W_dec[indices[..., j]] for W_dec [F, d]: [..., d]."""
     k = values.shape[-1]
-    out = backend(values.device).sparse_decode(
-        values.reshape(-1, k), indices.reshape(-1, k), W_dec
-    )
+    out = backend(values.device).sparse_decode(values.reshape(-1, k), indices.reshape(-1, k), W_dec)
     return out.reshape(*values.shape[:-1], W_dec.shape[1])
 
 

@@ -135,9 +135,11 @@ class _EncodeTopK(torch.autograd.Function):
             grad_w = scatter_outer(g, indices, h, num_latents).to(W_enc.dtype)
         if ctx.needs_input_grad[2]:
             acc = _acc_dtype(g)
-            grad_b = g.new_zeros(num_latents, dtype=acc).index_add_(
-                0, indices.reshape(-1), g.reshape(-1).to(acc)
-            ).to(ctx.b_dtype)
+            grad_b = (
+                g.new_zeros(num_latents, dtype=acc)
+                .index_add_(0, indices.reshape(-1), g.reshape(-1).to(acc))
+                .to(ctx.b_dtype)
+            )
         return grad_h, grad_w, grad_b, None, None, None
 
 

@@ -1,4 +1,4 @@
-"""Turn text into token shards: a byte-level BPE tokenizer, `train.bin` / `val.bin` and `meta.json`."""
+"""Turn text into token shards: a byte-level BPE tokenizer, train.bin / val.bin and meta.json."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import datasets
 import numpy as np
 import pyarrow.compute as pc
 import tokenizers
-from datasets import Dataset, Value, concatenate_datasets, load_dataset
+from datasets import Dataset, Features, Value, concatenate_datasets, load_dataset
 from datasets.arrow_writer import SchemaInferenceError
 from datasets.exceptions import DatasetGenerationError
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -32,8 +32,9 @@ FORMAT = "saeformer-tokens/1"
 MIN_VOCAB = 257  # the 256 byte symbols plus the end-of-text token
 MAX_VOCAB = 1 << 20
 BATCH = 1000
-KINDS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+KINDS = {".txt": "text", ".jsonl": "json", ".parquet": "parquet"}
 COMPRESSION = (".xz", ".gz", ".bz2")
+_EMPTY = Dataset.from_dict({"text": []}, features=Features({"text": Value("string")}))
 
 
 @dataclass
@@ -69,7 +70,7 @@ class PrepareConfig:
 
 @dataclass(frozen=True)
 class Source:
-    """One named source: local files (read in this order), or a Hugging Face dataset when `files` is empty."""
+    """A named source: local files, read in this order, or a hub dataset when `files` is empty."""
 
     name: str
     files: tuple[Path, ...]
@@ -91,7 +92,7 @@ class _Records:
         return len(self.texts) - self.n_val
 
     def part(self, split: str) -> tuple[Dataset, np.ndarray]:
-        """The records of one split and their end-of-document flags; a split always ends a document."""
+        """One split's records and end-of-document flags; a split always ends a document."""
         lo, hi = (0, self.n_train) if split == "train" else (self.n_train, len(self.texts))
         eod = self.eod[lo:hi].copy()
         eod[-1] = True
@@ -107,7 +108,7 @@ def bundled_data_dir() -> Path:
 def resolve_sources(specs: list[str]) -> list[Source]:
     """Turn source strings into Sources; no strings means the bundled corpus."""
     if specs:
-        return [_resolve(spec) for spec in specs]
+        return [_resolve(str(spec)) for spec in specs]
     root = bundled_data_dir()
     files = sorted(root.glob("*.txt.xz"))
     if not files:
@@ -173,7 +174,7 @@ def _build(cfg: PrepareConfig, sources: list[Source], tmp: Path) -> None:
 
 
 def _resolve(spec: str) -> Source:
-    """A file, a folder of files (sorted, hidden ones skipped) or a hub dataset name ("name" or "name:config")."""
+    """A file, a folder of files (sorted, hidden skipped), or a hub dataset "name[:config]"."""
     path = Path(spec).expanduser()
     if path.is_dir():
         files = sorted(
@@ -184,12 +185,12 @@ def _resolve(spec: str) -> Source:
             and not any(part.startswith(".") for part in p.relative_to(path).parts)
         )
         if not files:
-            raise UserError(f"no .txt, .jsonl, .json or .parquet files in folder {spec}")
+            raise UserError(f"no .txt, .jsonl or .parquet files in folder {spec}")
         return Source(spec, tuple(files))
     if path.is_file():
         if _kind(path) is None:
             raise UserError(
-                f"unsupported source file {spec}: use .txt, .jsonl, .json or .parquet (.xz/.gz/.bz2 allowed)"
+                f"unsupported source file {spec}: use .txt, .jsonl or .parquet (.xz/.gz/.bz2 too)"
             )
         return Source(spec, (path,))
     if _kind(path) is not None or spec.startswith((".", "/", "~")):
@@ -198,7 +199,7 @@ def _resolve(spec: str) -> Source:
 
 
 def _kind(path: Path) -> str | None:
-    """The `datasets` builder for a file name ("text", "json", "parquet"), or None if unsupported."""
+    """The `datasets` builder for a file name ("text", "json" or "parquet"), or None."""
     suffixes = [s.lower() for s in path.suffixes]
     if suffixes and suffixes[-1] in COMPRESSION:
         suffixes.pop()
@@ -214,7 +215,7 @@ def _check_out_dir(out: Path, overwrite: bool) -> None:
 
 
 def _cache_dir(tmp: Path) -> Path | None:
-    """Where `datasets` caches: the user's configured cache if any, else a folder inside the build."""
+    """Where `datasets` caches: the user's configured cache, else a folder inside the build."""
     if "HF_DATASETS_CACHE" in os.environ or "HF_HOME" in os.environ:
         return None
     return tmp / ".hf_cache"
@@ -222,7 +223,7 @@ def _cache_dir(tmp: Path) -> Path | None:
 
 @contextmanager
 def _quiet_datasets() -> Iterator[None]:
-    """Silence the progress bars of `datasets` (ours show the progress), restoring them afterwards."""
+    """Silence the progress bars of `datasets` (ours show progress), restoring them after."""
     was_disabled = datasets.are_progress_bars_disabled()
     datasets.disable_progress_bars()
     try:
@@ -233,35 +234,32 @@ def _quiet_datasets() -> Iterator[None]:
 
 
 def _read(src: Source, cfg: PrepareConfig, cache: Path | None) -> _Records:
-    """Load a source's records, cap them at `max_chars` and size the held-out tail."""
+    """Load a source's non-empty records, cap them at `max_chars` and size the held-out tail."""
     parts = (
         [_load_file(f, cfg.text_field, cache) for f in src.files]
         if src.files
         else [_load_hub(src.name, cfg, cache)]
     )
-    parts = [p for p in parts if p is not None and len(p[0])]
-    if not parts:
-        raise UserError(f"source {src.name} contains no text")
     texts = concatenate_datasets([p[0] for p in parts])
     eod = np.concatenate([p[1] for p in parts])
     lengths = np.concatenate([_lengths(p[0]) for p in parts])
+    keep = np.flatnonzero(lengths)
+    if not len(keep):
+        raise UserError(f"source {src.name} is empty: it contains no text")
+    if len(keep) < len(lengths):
+        texts, eod, lengths = texts.select(keep), eod[keep], lengths[keep]
     if cfg.max_chars is not None:
         texts, eod, lengths = _cap(texts, eod, lengths, cfg.max_chars)
-    chars = int(lengths.sum())
-    if chars == 0:
-        raise UserError(f"source {src.name} contains no text")
     if len(texts) < 2:
         raise UserError(
-            f"source {src.name} has a single record: too small to hold out a validation split"
+            f"source {src.name} has one line or document only: too small for a validation split"
         )
     n_val = min(len(texts) - 1, max(1, round(len(texts) * cfg.val_fraction)))
-    return _Records(src, texts, eod, chars, n_val)
+    return _Records(src, texts, eod, int(lengths.sum()), n_val)
 
 
-def _load_file(
-    path: Path, text_field: str, cache: Path | None
-) -> tuple[Dataset, np.ndarray] | None:
-    """One file as (text records, end-of-document flags): a text file is one document, a row is one."""
+def _load_file(path: Path, text_field: str, cache: Path | None) -> tuple[Dataset, np.ndarray]:
+    """One file as (records, end-of-document flags): a text file is one document, a row is one."""
     kind = _kind(path)
     options = {"keep_linebreaks": True} if kind == "text" else {}
     try:
@@ -270,7 +268,7 @@ def _load_file(
         )
     except Exception as exc:
         if any(isinstance(e, SchemaInferenceError) for e in _chain(exc)):
-            return None  # an empty file
+            return _EMPTY, np.zeros(0, bool)
         raise UserError(f"cannot read {path}: {_reason(exc)}") from exc
     ds = _text_column(ds, "text" if kind == "text" else text_field, str(path))
     eod = np.ones(len(ds), bool) if kind != "text" else np.arange(len(ds)) == len(ds) - 1
@@ -278,13 +276,14 @@ def _load_file(
 
 
 def _load_hub(spec: str, cfg: PrepareConfig, cache: Path | None) -> tuple[Dataset, np.ndarray]:
-    """The train split of a Hugging Face dataset ("name" or "name:config"); each row is one document."""
+    """The train split of a hub dataset ("name" or "name:config"); each row is one document."""
     name, _, config = spec.partition(":")
     try:
         ds = load_dataset(name, config or None, split="train", cache_dir=_str(cache))
     except Exception as exc:
         raise UserError(
-            f"{spec} is no local file or folder, and loading it as a hub dataset failed: {_reason(exc)}"
+            f"{spec} is no local file or folder, and loading it as a hub dataset failed:"
+            f" {_reason(exc)}"
         ) from exc
     ds = _text_column(ds, cfg.text_field, spec)
     return ds, np.ones(len(ds), bool)
@@ -299,7 +298,8 @@ def _text_column(ds: Dataset, text_field: str, name: str) -> Dataset:
     """Keep only the text field, as a "text" column of type string."""
     if text_field not in ds.column_names:
         raise UserError(
-            f"{name} has no field '{text_field}' (fields: {', '.join(ds.column_names)}); set text_field"
+            f"{name} has no field '{text_field}' (fields: {', '.join(ds.column_names)});"
+            " set text_field"
         )
     dtype = getattr(ds.features[text_field], "dtype", None)
     if dtype not in ("string", "large_string"):
@@ -315,7 +315,7 @@ def _text_column(ds: Dataset, text_field: str, name: str) -> Dataset:
 
 
 def _lengths(ds: Dataset) -> np.ndarray:
-    """Characters in each record (missing texts count as empty)."""
+    """Characters in each record (a missing text counts as empty)."""
     return pc.utf8_length(ds.data.column("text")).fill_null(0).to_numpy().astype(np.int64)
 
 
@@ -363,8 +363,7 @@ def _train_tokenizer(corpora: list[_Records], vocab_size: int) -> Tokenizer:
 def _batches(texts: Dataset, eod: np.ndarray) -> Iterator[tuple[list[str], np.ndarray]]:
     """Records in batches of BATCH, as (texts, end-of-document flags)."""
     for start in range(0, len(texts), BATCH):
-        batch = [t or "" for t in texts[start : start + BATCH]["text"]]
-        yield batch, eod[start : start + BATCH]
+        yield texts[start : start + BATCH]["text"], eod[start : start + BATCH]
 
 
 def _write_split(
@@ -389,11 +388,11 @@ def _write_split(
 
 
 def _encode(tok: Tokenizer, texts: list[str], ends: np.ndarray, eos: int) -> list[int]:
-    """Token ids of a batch of records, with the end-of-text token after each non-empty document end."""
+    """Token ids of a batch of records, with the end-of-text token after each document."""
     ids: list[int] = []
-    for text, enc, end in zip(texts, tok.encode_batch_fast(texts), ends, strict=True):
+    for enc, end in zip(tok.encode_batch_fast(texts), ends, strict=True):
         ids.extend(enc.ids)
-        if end and text:
+        if end:
             ids.append(eos)
     return ids
 
@@ -438,4 +437,5 @@ def _reason(exc: BaseException) -> str:
         return "not UTF-8 text"
     cause = next((e for e in chain if not isinstance(e, DatasetGenerationError)), exc)
     lines = str(cause).strip().splitlines()
-    return f"{type(cause).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+    kind = "" if type(cause) is Exception else f"{type(cause).__name__}: "
+    return f"{kind}{lines[0] if lines else ''}".rstrip(": ")

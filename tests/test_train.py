@@ -1,0 +1,154 @@
+"""End to end on a slice of the bundled corpus: prepare → train → resume, and bad input."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from saeformer import load_run
+from saeformer.cli import main
+from saeformer.train.config import load_config
+from saeformer.train.prepare import PrepareConfig, prepare_corpus
+from saeformer.train.trainer import Trainer
+
+CONFIG = """
+[model]
+n_layers = 2
+d_model = 64
+n_heads = 2
+d_ff = 128
+context = 32
+
+[[model.bottleneck]]
+site = "resid"
+layer = 0
+width = 256
+k = 8
+
+[[model.bottleneck]]
+site = "mlp"
+layer = 1
+width = 128
+k = 8
+
+[data]
+dir = "{data}"
+
+[train]
+steps = 50
+batch_size = 8
+lr = 3e-3
+warmup_steps = 5
+eval_every = 25
+eval_batches = 2
+log_every = 5
+ckpt_every = 10
+keep_last = 2
+threads = 1
+
+[strategy]
+alpha_warmup_steps = 10
+k_start = 32
+k_anneal_steps = 20
+aux_coef = 0.03
+k_aux = 32
+dead_tokens = 2000
+rec_coef = 0.1
+"""
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "prepared"
+    prepare_corpus(PrepareConfig(out_dir=out, vocab_size=512, max_chars=60_000))
+    return out
+
+
+@pytest.fixture
+def config_file(tmp_path, data_dir) -> Path:
+    path = tmp_path / "tiny.toml"
+    path.write_text(CONFIG.format(data=data_dir))
+    return path
+
+
+def test_fifty_steps_lower_the_validation_loss(tmp_path, config_file):
+    trainer = Trainer(load_config(config_file), tmp_path / "run")
+    before = trainer.evaluate()["val/loss"]
+    summary = trainer.run()
+    assert summary["step"] == 50
+    assert summary["val_loss"] < before - 0.5, (before, summary["val_loss"])
+    for bid in ("resid.0", "mlp.1"):
+        assert summary["sites"][bid]["l0"] <= 8
+    assert summary["sites"]["resid.0"]["fvu"] is not None
+    assert any((tmp_path / "run" / "tb").iterdir())
+
+
+def test_resume_continues_the_same_run_bit_for_bit(tmp_path, config_file):
+    straight = Trainer(load_config(config_file, ["train.steps=20"]), tmp_path / "a")
+    straight.run()
+    first = Trainer(load_config(config_file, ["train.steps=20"]), tmp_path / "b")
+    for _ in range(13):
+        first.train_step()
+    first.save()
+    resumed = Trainer(load_config(tmp_path / "b" / "config.json"), tmp_path / "b", resume=True)
+    assert resumed.progress.step == 13
+    resumed.run()
+    a = load_file(tmp_path / "a" / "checkpoints" / "step_20" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "checkpoints" / "step_20" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_cli_prepare_train_resume_and_load_run(tmp_path, config_file, capsys):
+    run = tmp_path / "run"
+    assert main(["train", str(config_file), "--run-dir", str(run), "--set", "train.steps=10"]) == 0
+    assert "validation loss" in capsys.readouterr().out
+    assert main(["train", "--run-dir", str(run), "--resume", "--set", "train.steps=20"]) == 0
+    steps = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert steps == ["step_10", "step_20"]
+    loaded = load_run(run)
+    assert loaded.checkpoint.name == "step_20"
+    ids = loaded.tokenizer.encode("In the beginning").ids
+    logits = loaded.model(torch.tensor([ids])).logits
+    assert logits.shape == (1, len(ids), loaded.config.model.vocab_size)
+
+
+def _fails_cleanly(argv: list[str], capsys, message: str) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("saeformer: error:") and message in err[0], err
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("model.bottleneck.0.k=300", "exceeds the width"),
+    ("model.bottleneck.1.layer=2", "out of range"),
+    ("train.bogus=1", "unknown key"),
+])
+def test_bad_config_is_one_line_and_leaves_nothing(tmp_path, config_file, capsys, override, message):
+    run = tmp_path / "run"
+    _fails_cleanly(["train", str(config_file), "--run-dir", str(run), "--set", override],
+                   capsys, message)
+    assert not run.exists()
+
+
+def test_missing_inputs_are_one_line(tmp_path, config_file, capsys):
+    _fails_cleanly(["train", str(tmp_path / "missing.toml")], capsys, "not found")
+    _fails_cleanly(["prepare", "--out", str(tmp_path / "p"), str(tmp_path / "missing.txt")],
+                   capsys, "missing.txt")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    _fails_cleanly(["prepare", "--out", str(tmp_path / "p"), str(empty)], capsys, "empty")
+    assert not (tmp_path / "p").exists()
+    _fails_cleanly(["train", "--run-dir", str(tmp_path / "nothing"), "--resume"], capsys,
+                   "config")
+
+
+def test_train_refuses_an_existing_run_without_resume(tmp_path, config_file, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "keep.txt").write_text("precious")
+    _fails_cleanly(["train", str(config_file), "--run-dir", str(run)], capsys, "--resume")
+    assert (run / "keep.txt").read_text() == "precious"
+    assert sorted(p.name for p in run.iterdir()) == ["keep.txt"]
