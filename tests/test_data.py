@@ -147,6 +147,7 @@ BAD_INPUTS = {
     ),
     "unsupported file": ({"sources": ["{tmp}/d.csv"]}, {"d.csv": b"a,b\n"}),
     "empty folder": ({"sources": ["{tmp}/folder"]}, {"folder/notes.md": b"# hi\n"}),
+    "overwrite other": ({"overwrite": True}, {"out/notes.md": b"# mine\n"}),
 }
 
 

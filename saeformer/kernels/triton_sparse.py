@@ -139,9 +139,8 @@ def _segment_sum_kernel(
     nxt = tl.load(latent_ptr + pos + 1, mask=pos + 1 < n_entries, other=-1)
     opens = (latent != prev) | (pos == start)
     is_end = valid & ((latent != nxt) | (pos == last))
-    first = tl.load(latent_ptr + start)
-    head_split = (start > 0) & (tl.load(latent_ptr + start - 1, mask=start > 0, other=-1) == first)
-    split = (head_split & (latent == first)) | (latent == nxt)
+    before = tl.load(latent_ptr + start - 1, mask=start > 0, other=-1)
+    split = (latent == before) | (latent == nxt)  # at run ends: the run crosses the chunk
 
     entry = tl.load(perm_ptr + pos, mask=valid, other=0)
     tok = entry // k

@@ -207,11 +207,15 @@ def _kind(path: Path) -> str | None:
 
 
 def _check_out_dir(out: Path, overwrite: bool) -> None:
-    """Refuse an out_dir that is a file, or a non-empty folder unless overwriting."""
+    """Refuse a file, or a non-empty folder unless overwriting earlier shards (it has meta.json)."""
     if out.exists() and not out.is_dir():
         raise UserError(f"out_dir {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not overwrite:
         raise UserError(f"out_dir {out} exists and is not empty (set overwrite to replace it)")
+    if not (out / "meta.json").is_file():
+        raise UserError(f"out_dir {out} holds no prepared shards (no meta.json): not replacing it")
 
 
 def _cache_dir(tmp: Path) -> Path | None:
