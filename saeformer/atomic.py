@@ -33,6 +33,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a temporary directory beside `final`; on success it is renamed to `final`."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
     try:
         yield tmp
         _fsync_tree(tmp)
