@@ -19,6 +19,8 @@ def _prepare(args: argparse.Namespace) -> None:
         vocab_size=args.vocab_size,
         val_fraction=args.val_fraction,
         max_chars=args.max_chars,
+        text_field=args.text_field,
+        overwrite=args.overwrite,
     )
     out = prepare_corpus(cfg)
     print(f"prepared token shards in {out}")
@@ -38,6 +40,12 @@ def _train(args: argparse.Namespace) -> None:
         cfg = load_config(args.config, args.set)
     summary = Trainer(cfg, run_dir, resume=args.resume).run()
     print_summary(summary)
+
+
+def _plot(args: argparse.Namespace) -> None:
+    from saeformer.analysis.curves import plot_curves
+
+    print(f"wrote {plot_curves(args.run_dir, args.out)}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,6 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="read at most this many characters per source (quick runs)",
     )
+    p.add_argument(
+        "--text-field", default="text", help="the text column of .jsonl/.parquet/hub sources"
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing prepared folder (one that holds a meta.json)",
+    )
     p.set_defaults(func=_prepare)
 
     t = sub.add_parser(
@@ -105,6 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a config value, e.g. train.lr=3e-4 or model.bottleneck.0.k=64",
     )
     t.set_defaults(func=_train)
+
+    c = sub.add_parser(
+        "plot",
+        help="plot a run's training curves to a PNG",
+        description="Plot loss and per-bottleneck L0, FVU and dead fraction from metrics.jsonl.",
+    )
+    c.add_argument("run_dir", type=Path, help="the run directory")
+    c.add_argument("--out", type=Path, default=None, help="PNG path (default: RUN/curves.png)")
+    c.set_defaults(func=_plot)
     return parser
 
 

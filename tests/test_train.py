@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from saeformer import load_run
+from saeformer.analysis.curves import plot_curves, read_metrics
 from saeformer.cli import main
 from saeformer.train.config import load_config
 from saeformer.train.prepare import PrepareConfig, prepare_corpus
@@ -82,6 +83,10 @@ def test_fifty_steps_lower_the_validation_loss(tmp_path, config_file):
         assert summary["sites"][bid]["l0"] <= 8
     assert summary["sites"]["resid.0"]["fvu"] is not None
     assert any((tmp_path / "run" / "tb").iterdir())
+    series = read_metrics(tmp_path / "run")
+    assert [s for s, _ in series["val/loss"]] == [0, 25, 50]
+    assert series["val/loss"][0][1] == pytest.approx(before)
+    assert plot_curves(tmp_path / "run").stat().st_size > 10_000
 
 
 def test_resume_continues_the_same_run_bit_for_bit(tmp_path, config_file):
@@ -121,28 +126,36 @@ def _fails_cleanly(argv: list[str], capsys, message: str) -> None:
     assert len(err) == 1 and err[0].startswith("saeformer: error:") and message in err[0], err
 
 
-@pytest.mark.parametrize(("override", "message"), [
-    ("model.bottleneck.0.k=300", "exceeds the width"),
-    ("model.bottleneck.1.layer=2", "out of range"),
-    ("train.bogus=1", "unknown key"),
-])
-def test_bad_config_is_one_line_and_leaves_nothing(tmp_path, config_file, capsys, override, message):
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.bottleneck.0.k=300", "exceeds the width"),
+        ("model.bottleneck.1.layer=2", "out of range"),
+        ("train.bogus=1", "unknown key"),
+    ],
+)
+def test_bad_config_is_one_line_and_leaves_nothing(
+    tmp_path, config_file, capsys, override, message
+):
     run = tmp_path / "run"
-    _fails_cleanly(["train", str(config_file), "--run-dir", str(run), "--set", override],
-                   capsys, message)
+    _fails_cleanly(
+        ["train", str(config_file), "--run-dir", str(run), "--set", override], capsys, message
+    )
     assert not run.exists()
 
 
 def test_missing_inputs_are_one_line(tmp_path, config_file, capsys):
     _fails_cleanly(["train", str(tmp_path / "missing.toml")], capsys, "not found")
-    _fails_cleanly(["prepare", "--out", str(tmp_path / "p"), str(tmp_path / "missing.txt")],
-                   capsys, "missing.txt")
+    _fails_cleanly(
+        ["prepare", "--out", str(tmp_path / "p"), str(tmp_path / "missing.txt")],
+        capsys,
+        "missing.txt",
+    )
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     _fails_cleanly(["prepare", "--out", str(tmp_path / "p"), str(empty)], capsys, "empty")
     assert not (tmp_path / "p").exists()
-    _fails_cleanly(["train", "--run-dir", str(tmp_path / "nothing"), "--resume"], capsys,
-                   "config")
+    _fails_cleanly(["train", "--run-dir", str(tmp_path / "nothing"), "--resume"], capsys, "config")
 
 
 def test_train_refuses_an_existing_run_without_resume(tmp_path, config_file, capsys):

@@ -299,6 +299,9 @@ class Trainer:
 
     def _loop(self, bar: tqdm) -> None:
         t, p = self.cfg.train, self.progress
+        if p.step == 0:
+            self.last_eval = self.evaluate()
+            self.log(self.last_eval)
         window_start, window_tokens = time.perf_counter(), 0
         while p.step < t.steps:
             stats = self.train_step()
