@@ -26,7 +26,7 @@ def _prepare(args: argparse.Namespace) -> None:
     print(f"prepared token shards in {out}")
 
 
-def _train(args: argparse.Namespace) -> None:
+def _train(args: argparse.Namespace) -> int:
     from saeformer.train.config import load_config
     from saeformer.train.report import print_summary
     from saeformer.train.trainer import Trainer
@@ -40,6 +40,8 @@ def _train(args: argparse.Namespace) -> None:
         cfg = load_config(args.config, args.set)
     summary = Trainer(cfg, run_dir, resume=args.resume).run()
     print_summary(summary)
+    signum = summary["stopped_by_signal"]
+    return 0 if signum is None else 128 + signum  # the shell's convention for a signalled stop
 
 
 def _plot(args: argparse.Namespace) -> None:
@@ -137,11 +139,13 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: run the subcommand; bad input is one line on stderr and exit status 2."""
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        return args.func(args) or 0
     except UserError as exc:
         print(f"saeformer: error: {exc}", file=sys.stderr)
         return 2
-    return 0
+    except KeyboardInterrupt:
+        print("saeformer: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

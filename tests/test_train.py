@@ -1,7 +1,5 @@
 """End to end on a slice of the bundled corpus: prepare → train → resume, and bad input."""
 
-from pathlib import Path
-
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -10,67 +8,7 @@ from saeformer import load_run
 from saeformer.analysis.curves import plot_curves, read_metrics
 from saeformer.cli import main
 from saeformer.train.config import load_config
-from saeformer.train.prepare import PrepareConfig, prepare_corpus
 from saeformer.train.trainer import Trainer
-
-CONFIG = """
-[model]
-n_layers = 2
-d_model = 64
-n_heads = 2
-d_ff = 128
-context = 32
-
-[[model.bottleneck]]
-site = "resid"
-layer = 0
-width = 256
-k = 8
-
-[[model.bottleneck]]
-site = "mlp"
-layer = 1
-width = 128
-k = 8
-
-[data]
-dir = "{data}"
-
-[train]
-steps = 50
-batch_size = 8
-lr = 3e-3
-warmup_steps = 5
-eval_every = 25
-eval_batches = 2
-log_every = 5
-ckpt_every = 10
-keep_last = 2
-threads = 1
-
-[strategy]
-alpha_warmup_steps = 10
-k_start = 32
-k_anneal_steps = 20
-aux_coef = 0.03
-k_aux = 32
-dead_tokens = 2000
-rec_coef = 0.1
-"""
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "prepared"
-    prepare_corpus(PrepareConfig(out_dir=out, vocab_size=512, max_chars=60_000))
-    return out
-
-
-@pytest.fixture
-def config_file(tmp_path, data_dir) -> Path:
-    path = tmp_path / "tiny.toml"
-    path.write_text(CONFIG.format(data=data_dir))
-    return path
 
 
 def test_fifty_steps_lower_the_validation_loss(tmp_path, config_file):

@@ -169,7 +169,7 @@ def gather_combine(c: Tensor, idx: Tensor, rows: Tensor, out_dtype: torch.dtype)
     n, k = idx.shape
     d = rows.shape[1]
     out = util.empty((n, d), out_dtype, rows.device)
-    block_n, block_k, block_d = 16, _blocks(k, 8), _blocks(d, 128)
+    block_n, block_k, block_d = 16, _blocks(k, 8), _blocks(d, 64)
     grid = (triton.cdiv(n, block_n), triton.cdiv(d, block_d))
     if n:
         _gather_combine_kernel[grid](
@@ -228,7 +228,7 @@ def segment_sum(
     out = torch.zeros((num_rows, d), dtype=torch.float32, device=x.device)
     bias = torch.zeros(num_rows, dtype=torch.float32, device=x.device) if with_bias else None
     latent, perm = torch.sort(idx.reshape(-1))
-    block_d = _blocks(d, 128)
+    block_d = _blocks(d, 64)
     grid = (triton.cdiv(n * k, chunk), triton.cdiv(d, block_d))
     if n:
         _segment_sum_kernel[grid](

@@ -16,6 +16,7 @@ from torch import nn
 
 from saeformer.atomic import atomic_dir, write_json
 from saeformer.errors import UserError
+from saeformer.faults import crash_point
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 MODEL_FILE, OPTIM_FILE, STATE_FILE, TENSORS_FILE = (
@@ -61,13 +62,16 @@ def save_checkpoint(
     try:
         with atomic_dir(final) as tmp:
             save_file(model_tensors(model), tmp / MODEL_FILE)
+            crash_point("checkpoint.model", step)
             torch.save(optimizer.state_dict(), tmp / OPTIM_FILE)
+            crash_point("checkpoint.optimizer", step)
             save_file(
                 {k: v.detach().cpu().contiguous() for k, v in ckpt.tensors.items()},
                 tmp / TENSORS_FILE,
             )
             write_json(tmp / STATE_FILE, ckpt.state)
             write_json(tmp / "config.json", config)
+            crash_point("checkpoint.commit", step)
     except OSError as exc:
         raise UserError(f"could not write checkpoint {final}: {exc.strerror or exc}") from None
     for old in list_checkpoints(run_dir)[:-keep_last]:
@@ -82,6 +86,14 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name))]
     return [p for _, p in sorted(found)]
+
+
+def remove_stale_temporaries(run_dir: Path) -> None:
+    """Delete half-written checkpoint folders that a killed process left behind."""
+    root = run_dir / "checkpoints"
+    if root.is_dir():
+        for tmp in root.glob(".step_*.tmp-*"):
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

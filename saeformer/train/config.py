@@ -59,6 +59,17 @@ class StrategyConfig:
 
 
 @dataclass
+class SnapshotConfig:
+    """Feature snapshots on a fixed probe set of validation tokens during training."""
+
+    every: int = 0  # steps between snapshots (0: off)
+    log_spaced: bool = False  # also at steps 1, 2, 4, 8, ...
+    probe_windows: int = 64  # validation windows (of model.context tokens) in the probe set
+    top_m: int = 16  # top activations kept per feature, with their token windows
+    window: int = 8  # tokens of context kept on each side of a top activation
+
+
+@dataclass
 class RunConfig:
     """Everything a training run needs."""
 
@@ -66,6 +77,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    snapshot: SnapshotConfig = field(default_factory=SnapshotConfig)
 
     def validate(self) -> None:
         """Raise UserError for a config that cannot train."""
@@ -92,6 +104,9 @@ class RunConfig:
             raise UserError("train.lr must be positive and train.min_lr_ratio in [0, 1]")
         if s.k_start and s.k_anneal_steps <= 0:
             raise UserError("strategy.k_start needs strategy.k_anneal_steps > 0")
+        snap = self.snapshot
+        if min(snap.every, snap.probe_windows, snap.top_m, snap.window) < 0:
+            raise UserError("snapshot settings must be non-negative")
         if min(s.aux_coef, s.rec_coef, s.k_aux, s.dead_tokens, s.k_levels) < 0:
             raise UserError("strategy coefficients and counts must be non-negative")
 

@@ -26,6 +26,7 @@ from saeformer.train.checkpoint import (
     Checkpoint,
     latest_checkpoint,
     load_checkpoint,
+    remove_stale_temporaries,
     save_checkpoint,
 )
 from saeformer.train.config import RunConfig
@@ -122,6 +123,7 @@ class Trainer:
         shutil.copyfile(self.data.tokenizer_path, run_dir / "tokenizer.json")
 
     def _resume(self) -> None:
+        remove_stale_temporaries(self.run_dir)
         path = latest_checkpoint(self.run_dir)
         ckpt = load_checkpoint(path, self.model, self.optimizer)
         s = ckpt.state
@@ -342,6 +344,7 @@ class Trainer:
             }
         summary = {
             "step": self.progress.step,
+            "stopped_by_signal": self.stop_signal,
             "tokens": self.progress.tokens,
             "val_loss": self.last_eval.get("val/loss"),
             "tokens_per_s": self.throughput,
