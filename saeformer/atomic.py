@@ -28,22 +28,37 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-@contextlib.contextmanager
-def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield a temporary directory beside `final`; on success it is renamed to `final`."""
+def temporary_dir_for(final: Path) -> Path:
+    """A fresh hidden folder beside `final`, on the same filesystem so a rename is atomic."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
+    return tmp
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield a temporary directory beside `final`; on success it is renamed to `final`."""
+    tmp = temporary_dir_for(final)
     try:
         yield tmp
-        _fsync_tree(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync_dir(final.parent)
+        commit_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def commit_dir(tmp: Path, final: Path) -> None:
+    """Fsync a finished temporary folder and rename it to `final` (replacing an old one)."""
+    _fsync_tree(tmp)
+    old = None
+    if final.exists():  # move the old one aside first: a crash never leaves neither
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.rename(final, old)
+    os.rename(tmp, final)
+    _fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old)
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -50,6 +50,22 @@ def _plot(args: argparse.Namespace) -> None:
     print(f"wrote {plot_curves(args.run_dir, args.out)}")
 
 
+def _posthoc(args: argparse.Namespace) -> int:
+    from saeformer.train.posthoc import PosthocTrainer, load_posthoc_config, print_summary
+
+    run_dir = args.run_dir or Path("runs") / (args.config.stem if args.config else "posthoc")
+    if args.resume:
+        cfg = load_posthoc_config(run_dir / "config.json", args.set)
+    elif args.config is None:
+        raise UserError("posthoc needs a CONFIG.toml (or --resume with --run-dir)")
+    else:
+        cfg = load_posthoc_config(args.config, args.set)
+    summary = PosthocTrainer(cfg, run_dir, resume=args.resume).run()
+    print_summary(summary)
+    signum = summary["stopped_by_signal"]
+    return 0 if signum is None else 128 + signum
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with one subcommand per job."""
     parser = argparse.ArgumentParser(
@@ -132,6 +148,29 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("run_dir", type=Path, help="the run directory")
     c.add_argument("--out", type=Path, default=None, help="PNG path (default: RUN/curves.png)")
     c.set_defaults(func=_plot)
+
+    h = sub.add_parser(
+        "posthoc",
+        help="train post-hoc TopK SAEs on a frozen model's activations",
+        description="Train TopK SAEs (the bottleneck module at alpha = 1) on activations of a "
+        "frozen saeformer run or transformers model, at hook points such as layers.N.output "
+        "(= hidden_states[N+1]); exports them in the SAELens layout under RUN/saes/.",
+    )
+    h.add_argument("config", type=Path, nargs="?", help="the post-hoc config (TOML)")
+    h.add_argument(
+        "--run-dir", type=Path, default=None, help="output directory (default: runs/<config name>)"
+    )
+    h.add_argument(
+        "--resume", action="store_true", help="continue the run in --run-dir from its checkpoint"
+    )
+    h.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. train.lr=3e-4 or sae.0.k=64",
+    )
+    h.set_defaults(func=_posthoc)
     return parser
 
 

@@ -7,6 +7,10 @@ import signal
 
 
 def crash_point(name: str, step: int) -> None:
-    """Kill this process with SIGKILL here when SAEFORMER_CRASH_AT equals `name@step`."""
+    """SIGKILL this process when SAEFORMER_CRASH_AT is `name@step` (and RANK matches
+    SAEFORMER_CRASH_RANK, when that is set)."""
+    rank = os.environ.get("SAEFORMER_CRASH_RANK")
+    if rank is not None and rank != os.environ.get("RANK", "0"):
+        return
     if os.environ.get("SAEFORMER_CRASH_AT") == f"{name}@{step}":
         os.kill(os.getpid(), signal.SIGKILL)

@@ -102,7 +102,7 @@ def test_full_disk_keeps_the_last_good_checkpoint(tmp_path, config_file, monkeyp
     def no_space(*_args, **_kw):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ckpt_module.torch, "save", no_space)
+    monkeypatch.setattr(ckpt_module, "save_file", no_space)
     with pytest.raises(UserError, match="No space left on device"):
         trainer.save()
     assert list_checkpoints(tmp_path / "run") == [good]

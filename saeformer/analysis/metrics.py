@@ -30,3 +30,21 @@ def firing_counts(values: Tensor, indices: Tensor, width: int) -> Tensor:
     """Per-feature count of tokens on which it fired (non-zero value), shape [width]."""
     fired = indices.reshape(-1)[values.reshape(-1) != 0]
     return torch.bincount(fired, minlength=width)
+
+
+def token_entropy(token_ids: Tensor, valid: Tensor | None = None) -> Tensor:
+    """Entropy (bits) of each row's token-id distribution, e.g. over a feature's top-m tokens.
+
+    `token_ids` is [F, m]; entries where `valid` is False are ignored; rows with none give NaN.
+    """
+    valid = torch.ones_like(token_ids, dtype=torch.bool) if valid is None else valid
+    ids, order = token_ids.masked_fill(~valid, -1).sort(dim=1)
+    ok = valid.gather(1, order)
+    new_run = torch.ones_like(ok)
+    new_run[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    run_id = new_run.long().cumsum(dim=1) - 1  # equal ids form one run: its count is one bin
+    counts = torch.zeros(ids.shape, dtype=torch.float64, device=ids.device)
+    counts.scatter_add_(1, run_id, ok.double())
+    p = counts / counts.sum(dim=1, keepdim=True)
+    terms = torch.where(p > 0, -p * torch.log2(p.clamp_min(1e-300)), torch.zeros_like(p))
+    return terms.sum(dim=1).float().masked_fill(~ok.any(dim=1), float("nan"))

@@ -151,11 +151,11 @@ def _segment_sum_kernel(
     x_ptrs = x_ptr + tok[:, None] * stride_xn + rd[None, :] * stride_xd
     x = tl.load(x_ptrs, mask=valid[:, None] & in_d[None, :], other=0.0).to(tl.float32)
     flags = tl.broadcast_to(opens.to(tl.int32)[:, None], (CHUNK, BLOCK_D))
-    _, run = tl.associative_scan((flags, c[:, None] * x), 0, _segmented_add)
+    run = tl.associative_scan((flags, c[:, None] * x), 0, _segmented_add)[1]
     out_ptrs = out_ptr + latent[:, None] * d + rd[None, :]
     _flush(out_ptrs, run, is_end[:, None] & in_d[None, :], split[:, None])
     if HAS_BIAS and tl.program_id(1) == 0:
-        _, run_c = tl.associative_scan((opens.to(tl.int32), c), 0, _segmented_add)
+        run_c = tl.associative_scan((opens.to(tl.int32), c), 0, _segmented_add)[1]
         _flush(bias_ptr + latent, run_c, is_end, split)
 
 
@@ -164,12 +164,17 @@ def _blocks(size: int, cap: int) -> int:
     return min(triton.next_power_of_2(max(size, 1)), cap)
 
 
+def _segment_width(rows: Tensor) -> int:
+    """Columns per gathered row segment: 128 bytes (one cache line), or all of d if fewer."""
+    return _blocks(rows.shape[1], 128 // rows.element_size())
+
+
 def gather_combine(c: Tensor, idx: Tensor, rows: Tensor, out_dtype: torch.dtype) -> Tensor:
     """out[n] = Σ_j c[n, j] · rows[idx[n, j]] for c, idx [N, k] and rows [F, d]: [N, d]."""
     n, k = idx.shape
     d = rows.shape[1]
     out = util.empty((n, d), out_dtype, rows.device)
-    block_n, block_k, block_d = 16, _blocks(k, 8), _blocks(d, 64)
+    block_n, block_k, block_d = 16, _blocks(k, 8), _segment_width(rows)
     grid = (triton.cdiv(n, block_n), triton.cdiv(d, block_d))
     if n:
         _gather_combine_kernel[grid](
@@ -195,7 +200,8 @@ def gather_dot(x: Tensor, idx: Tensor, rows: Tensor, out_dtype: torch.dtype) -> 
     n, k = idx.shape
     d = rows.shape[1]
     out = util.empty((n, k), out_dtype, x.device)
-    block_n, block_k, block_d = 16, _blocks(k, 16), _blocks(d, 64)
+    block_d = _segment_width(rows)
+    block_n, block_k = max(512 // block_d, 1), _blocks(k, 8)  # 4096-element gather tiles
     grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
     if n:
         _gather_dot_kernel[grid](
@@ -217,7 +223,7 @@ def gather_dot(x: Tensor, idx: Tensor, rows: Tensor, out_dtype: torch.dtype) -> 
 
 
 def segment_sum(
-    c: Tensor, idx: Tensor, x: Tensor, num_rows: int, with_bias: bool, chunk: int = 64
+    c: Tensor, idx: Tensor, x: Tensor, num_rows: int, with_bias: bool, chunk: int = 32
 ) -> tuple[Tensor, Tensor | None]:
     """fp32 out[f] = Σ_{idx[n, j] = f} c[n, j] · x[n] ([F, d]) and, if asked, Σ c ([F]).
 
@@ -228,7 +234,7 @@ def segment_sum(
     out = torch.zeros((num_rows, d), dtype=torch.float32, device=x.device)
     bias = torch.zeros(num_rows, dtype=torch.float32, device=x.device) if with_bias else None
     latent, perm = torch.sort(idx.reshape(-1))
-    block_d = _blocks(d, 64)
+    block_d = _blocks(d, 32)  # [32, 32] tiles: larger ones spill registers on sm_90
     grid = (triton.cdiv(n * k, chunk), triton.cdiv(d, block_d))
     if n:
         _segment_sum_kernel[grid](

@@ -20,7 +20,7 @@ from saeformer.kernels import triton_util as util
 BLOCK = 4096
 """Default tile width of the first pass; merge tiles are at least 2·KP wide."""
 
-_KEY_MIN = -(2**63)
+_KEY_MIN = tl.constexpr(-(2**63))
 """Key of padding past the end of a row: below every real key."""
 
 

@@ -86,7 +86,10 @@ class Bottleneck(nn.Module):
         """Return α·ĥ + (1−α)·h for h [..., d] and the site's stats and auxiliary losses."""
         k = self.k if k is None else k
         rows = h.reshape(-1, self.d_model)
-        code = self.encode(rows, k)
+        # A frozen input (post-hoc SAEs) needs no second, detached pass: one encode serves all.
+        one_pass = aux is not None and not rows.requires_grad
+        dead_mask, k_aux = (aux.dead_mask, aux.k_aux) if one_pass else (None, 0)
+        code = self.encode(rows, k, dead_mask, k_aux)
         h_hat = self.decode(code.values, code.indices)
         out = h_hat if alpha == 1.0 else alpha * h_hat + (1.0 - alpha) * rows
         with torch.no_grad():
@@ -97,14 +100,19 @@ class Bottleneck(nn.Module):
             )
         if keep_code:
             site.values, site.indices = code.values, code.indices
-        if aux is not None:
-            self._auxiliary_losses(rows.detach(), k, aux, site)
+        if one_pass:
+            self._auxiliary_losses(rows, h_hat, code, aux, site)
+        elif aux is not None:
+            detached = rows.detach()
+            second = self.encode(detached, k, aux.dead_mask, aux.k_aux)
+            h_hat = self.decode(second.values, second.indices)
+            self._auxiliary_losses(detached, h_hat, second, aux, site)
         return out.reshape(h.shape), site
 
-    def _auxiliary_losses(self, rows: Tensor, k: int, aux: AuxRequest, site: SiteOutput) -> None:
-        """Reconstruction FVU and AuxK from a second pass on detached h (never moves the host)."""
-        code = self.encode(rows, k, aux.dead_mask, aux.k_aux)
-        h_hat = self.decode(code.values, code.indices)
+    def _auxiliary_losses(
+        self, rows: Tensor, h_hat: Tensor, code: EncodeResult, aux: AuxRequest, site: SiteOutput
+    ) -> None:
+        """Reconstruction FVU and AuxK of an encode pass on rows that cannot move the host."""
         if aux.rec:
             site.rec_loss = fvu(rows, h_hat, detach_denominator=True)
         if aux.k_aux > 0 and code.aux_values is not None:

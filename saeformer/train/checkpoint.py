@@ -1,30 +1,48 @@
-"""Checkpoints: `runs/<run>/checkpoints/step_<N>/`, committed atomically, loaded without pickle."""
+"""Checkpoints: `runs/<run>/checkpoints/step_<N>/`, committed atomically, loaded without pickle.
+
+Weights are one full `model.safetensors`; the optimizer state goes through
+`torch.distributed.checkpoint` (sharded on several ranks, reshardable to any world size; its
+`.metadata` is pickled and trusted as the user's own output).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
-from saeformer.atomic import atomic_dir, write_json
+from saeformer.atomic import commit_dir, temporary_dir_for, write_json
 from saeformer.errors import UserError
 from saeformer.faults import crash_point
+from saeformer.train.distributed import DistContext, barrier, broadcast_object
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
-MODEL_FILE, OPTIM_FILE, STATE_FILE, TENSORS_FILE = (
+MODEL_FILE, OPTIM_DIR, STATE_FILE, TENSORS_FILE = (
     "model.safetensors",
-    "optimizer.pt",
+    "optimizer",
     "state.json",
     "trainer.safetensors",
 )
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 @dataclass
@@ -35,16 +53,17 @@ class Checkpoint:
     tensors: dict[str, torch.Tensor]
 
 
-def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict with tied weights stored once, contiguous, on CPU."""
-    seen: dict[int, str] = {}
-    tensors = {}
-    for name, tensor in model.state_dict().items():
-        if tensor.data_ptr() in seen:
-            continue
-        seen[tensor.data_ptr()] = name
-        tensors[name] = tensor.detach().cpu().contiguous()
-    return tensors
+def full_model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's weights on CPU (gathered on rank 0), tied weights stored once."""
+    tensors = get_model_state_dict(model, options=FULL)
+    if _tied(model):
+        tensors.pop("lm_head.weight", None)
+    return {name: t.contiguous() for name, t in tensors.items()}
+
+
+def _tied(model: nn.Module) -> bool:
+    inner = getattr(model, "module", model)
+    return bool(getattr(getattr(inner, "cfg", None), "tie_embeddings", False))
 
 
 def save_checkpoint(
@@ -55,15 +74,23 @@ def save_checkpoint(
     ckpt: Checkpoint,
     config: dict[str, Any],
     keep_last: int,
+    ctx: DistContext,
 ) -> Path:
-    """Write step_<step> atomically, then prune all but the newest `keep_last` checkpoints."""
+    """Write step_<step> atomically (a collective), then prune to the newest `keep_last`."""
     root = run_dir / "checkpoints"
     final = root / f"step_{step}"
+    weights = full_model_tensors(model)
+    optim_state = get_optimizer_state_dict(model, optimizer) if optimizer.state else None
+    tmp = Path(broadcast_object(str(temporary_dir_for(final)) if ctx.is_main else None, ctx))
     try:
-        with atomic_dir(final) as tmp:
-            save_file(model_tensors(model), tmp / MODEL_FILE)
+        if ctx.is_main:
+            save_file(weights, tmp / MODEL_FILE)
             crash_point("checkpoint.model", step)
-            torch.save(optimizer.state_dict(), tmp / OPTIM_FILE)
+        if optim_state is not None:
+            with _single_process_quiet():
+                dcp.save(optim_state, checkpoint_id=tmp / OPTIM_DIR)
+        barrier(ctx)
+        if ctx.is_main:
             crash_point("checkpoint.optimizer", step)
             save_file(
                 {k: v.detach().cpu().contiguous() for k, v in ckpt.tensors.items()},
@@ -72,11 +99,23 @@ def save_checkpoint(
             write_json(tmp / STATE_FILE, ckpt.state)
             write_json(tmp / "config.json", config)
             crash_point("checkpoint.commit", step)
+            commit_dir(tmp, final)
     except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f"could not write checkpoint {final}: {exc.strerror or exc}") from None
-    for old in list_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    barrier(ctx)
+    if ctx.is_main:
+        for old in list_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+@contextlib.contextmanager
+def _single_process_quiet() -> Iterator[None]:
+    """Silence DCP's notice that it runs without a process group (the single-process case)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -102,43 +141,51 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_model_weights(path: Path, model: nn.Module) -> None:
-    """Load model.safetensors into `model`, with one clear error for a foreign or broken file."""
+def read_model_weights(path: Path, model: nn.Module) -> dict[str, torch.Tensor]:
+    """Read model.safetensors and check it fits `model`, with one clear error otherwise."""
     file = path / MODEL_FILE
     try:
         tensors = load_file(file)
     except (FileNotFoundError, SafetensorError, OSError) as exc:
         raise UserError(f"cannot read weights {file}: {exc}") from None
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in tensors and not _is_tied(model, k)]
-    unexpected = [k for k in tensors if k not in expected]
-    wrong = [k for k, v in tensors.items() if k in expected and v.shape != expected[k].shape]
-    if missing or unexpected or wrong:
-        detail = (
-            (missing and f"missing {missing[0]}")
-            or (unexpected and f"unexpected {unexpected[0]}")
-            or f"shape of {wrong[0]}"
-        )
-        raise UserError(f"{file} does not fit this model's architecture ({detail})")
-    model.load_state_dict(tensors, strict=False)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    expected = {k.removeprefix("module."): v for k, v in expected.items()}
+    if _tied(model):
+        expected.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong = [k for k, v in tensors.items() if k in expected and v.shape != expected[k]]
+    problem = (
+        (missing and f"missing {missing[0]}")
+        or (unexpected and f"unexpected {unexpected[0]}")
+        or (wrong and f"shape of {wrong[0]}")
+    )
+    if problem:
+        raise UserError(f"{file} does not fit this model's architecture ({problem})")
+    return tensors
 
 
-def _is_tied(model: nn.Module, name: str) -> bool:
-    return (
-        name == "lm_head.weight"
-        and getattr(model, "cfg", None) is not None
-        and model.cfg.tie_embeddings
+def load_model_weights(path: Path, model: nn.Module) -> None:
+    """Load a checkpoint's weights into `model` (plain, DDP or FSDP2)."""
+    tensors = read_model_weights(path, model)
+    set_model_state_dict(
+        model, tensors, options=StateDictOptions(full_state_dict=True, strict=not _tied(model))
     )
 
 
 def load_checkpoint(
-    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
 ) -> Checkpoint:
     """Restore weights (and optimizer state when given); return the trainer state."""
     load_model_weights(path, model)
     try:
-        if optimizer is not None:
-            optimizer.load_state_dict(torch.load(path / OPTIM_FILE, weights_only=True))
+        if optimizer is not None and (path / OPTIM_DIR).is_dir():
+            state = get_optimizer_state_dict(model, optimizer)
+            with _single_process_quiet():
+                dcp.load(state, checkpoint_id=path / OPTIM_DIR)
+            set_optimizer_state_dict(model, optimizer, state)
         state = json.loads((path / STATE_FILE).read_text())
         tensors = load_file(path / TENSORS_FILE)
     except (FileNotFoundError, SafetensorError, json.JSONDecodeError, RuntimeError, OSError) as exc:

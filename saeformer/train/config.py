@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from saeformer.configio import apply_override, build, parse_override, read_config_file
 from saeformer.errors import UserError
@@ -40,6 +40,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     threads: int = 0  # torch CPU threads; 0 leaves torch's default
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # data parallelism under torchrun
+    dist_timeout_s: int = 300  # a collective waiting longer than this fails the job
 
 
 @dataclass

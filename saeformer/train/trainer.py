@@ -8,19 +8,23 @@ import random
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch.distributed.tensor import DTensor
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from saeformer.analysis.metrics import dead_fraction
+from saeformer.analysis.snapshot import SnapshotWriter
 from saeformer.atomic import write_json
 from saeformer.configio import to_dict
 from saeformer.errors import UserError
+from saeformer.faults import crash_point
 from saeformer.model import AuxRequest, Output, Transformer
 from saeformer.train.checkpoint import (
     Checkpoint,
@@ -31,6 +35,15 @@ from saeformer.train.checkpoint import (
 )
 from saeformer.train.config import RunConfig
 from saeformer.train.data import Batches, TokenData, fixed_windows
+from saeformer.train.distributed import (
+    all_reduce,
+    broadcast_object,
+    check_divisible,
+    init_distributed,
+    set_gradient_sync,
+    shutdown,
+    wrap_model,
+)
 from saeformer.train.optim import build_optimizer, set_lr
 from saeformer.train.schedules import alpha_at, k_at, lr_at
 from saeformer.train.strategy import (
@@ -71,12 +84,17 @@ class Trainer:
         self.data = TokenData(cfg.data.dir)
         self._resolve_vocab()
         cfg.validate()
-        self._prepare_run_dir(resume)
+        self.device = pick_device(cfg.train.device)
+        self.dist = init_distributed(self.device, cfg.train.dist_timeout_s)
+        if self.device.type == "cuda" and self.dist.enabled:
+            self.device = torch.device("cuda", self.dist.local_rank)
+        check_divisible(cfg.train.batch_size, cfg.train.grad_accum, self.dist)
+        self._on_main(lambda: self._prepare_run_dir(resume))
         if cfg.train.threads > 0:
             torch.set_num_threads(cfg.train.threads)
-        self.device = pick_device(cfg.train.device)
         torch.manual_seed(cfg.train.seed)
         self.model = Transformer(cfg.model).to(self.device)
+        self.train_model = wrap_model(self.model, cfg.train.parallel, self.dist, self.device)
         self.optimizer = build_optimizer(self.model, cfg)
         self.batches = Batches(self.data.split("train"), cfg.model.context, cfg.train.seed)
         val_count = cfg.train.eval_batches * cfg.train.batch_size // cfg.train.grad_accum
@@ -90,12 +108,34 @@ class Trainer:
         self.k_final = {b.id: b.k for b in cfg.model.bottleneck}
         if resume:
             self._resume()
-        self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=self.progress.step or None)
+        self.writer = (
+            SummaryWriter(str(run_dir / "tb"), purge_step=self.progress.step or None)
+            if self.dist.is_main
+            else None
+        )
+        self.snapshots = SnapshotWriter(cfg, run_dir, self.data)
         self.stop_signal: int | None = None
         self.last_eval: dict[str, float] = {}
         self.throughput = 0.0
 
     # ----- set-up -------------------------------------------------------------------------
+
+    def _on_main(self, work: Callable[[], None]) -> None:
+        """Run `work` on rank 0 only; a UserError there is raised on every rank."""
+        error = None
+        if self.dist.is_main:
+            try:
+                work()
+            except UserError as exc:
+                error = str(exc)
+        error = broadcast_object(error, self.dist)
+        if error is not None:
+            raise UserError(error)
+
+    def say(self, message: str) -> None:
+        """Print a line above the progress bar (rank 0 only)."""
+        if self.dist.is_main:
+            tqdm.write(message)
 
     def _resolve_vocab(self) -> None:
         model = self.cfg.model
@@ -123,9 +163,10 @@ class Trainer:
         shutil.copyfile(self.data.tokenizer_path, run_dir / "tokenizer.json")
 
     def _resume(self) -> None:
-        remove_stale_temporaries(self.run_dir)
+        if self.dist.is_main:
+            remove_stale_temporaries(self.run_dir)
         path = latest_checkpoint(self.run_dir)
-        ckpt = load_checkpoint(path, self.model, self.optimizer)
+        ckpt = load_checkpoint(path, self.train_model, self.optimizer)
         s = ckpt.state
         self.progress = Progress(**s["progress"])
         random.setstate(_to_tuple(s["rng"]["python"]))
@@ -133,7 +174,7 @@ class Trainer:
         torch.set_rng_state(ckpt.tensors["rng.torch"])
         for bid, counter in self.since_fired.items():
             counter.copy_(ckpt.tensors[f"since_fired.{bid}"])
-        tqdm.write(f"resumed from {path} at step {self.progress.step}")
+        self.say(f"resumed from {path} at step {self.progress.step}")
 
     # ----- one step -----------------------------------------------------------------------
 
@@ -179,19 +220,25 @@ class Trainer:
         alpha, ks = self.schedule(p.step)
         aux = self._aux_requests()
         micro = t.batch_size // t.grad_accum
+        local = micro // self.dist.world_size
+        parts = t.grad_accum * self.dist.world_size
         stats: dict[str, float] = {}
-        self.model.train()
+        self.train_model.train()
         for m in range(t.grad_accum):
-            x, y = self.batches.samples(p.position + m * micro, micro)
-            out = self.model(x.to(self.device), y.to(self.device), alpha=alpha, k=ks, aux=aux)
+            set_gradient_sync(self.train_model, m == t.grad_accum - 1)
+            start = p.position + m * micro + self.dist.rank * local
+            x, y = self.batches.samples(start, local)
+            out = self.train_model(x.to(self.device), y.to(self.device), alpha=alpha, k=ks, aux=aux)
             loss, logged = self._loss(out)
             (loss / t.grad_accum).backward()
-            _accumulate(stats, {"train/loss": out.loss.item(), **logged}, t.grad_accum)
+            _accumulate(stats, {"train/loss": out.loss.item(), **logged}, parts)
             for bid, site in out.sites.items():
-                update_dead_counters(self.since_fired[bid], site.counts, x.numel())
-                _accumulate(stats, {f"{bid}/l0": site.l0.item()}, t.grad_accum)
+                counts = all_reduce(site.counts.clone(), self.dist)
+                update_dead_counters(self.since_fired[bid], counts, micro * self.cfg.model.context)
+                _accumulate(stats, {f"{bid}/l0": site.l0.item()}, parts)
                 if site.fvu is not None:
-                    _accumulate(stats, {f"{bid}/fvu": site.fvu.item()}, t.grad_accum)
+                    _accumulate(stats, {f"{bid}/fvu": site.fvu.item()}, parts)
+        stats = self._sum_over_ranks(stats)
         self._optimizer_step(stats)
         p.step += 1
         p.position += t.batch_size
@@ -205,12 +252,25 @@ class Trainer:
         stats.update({f"{bid}/alpha": a for bid, a in alpha.items()})
         return stats
 
+    def _sum_over_ranks(self, stats: dict[str, float]) -> dict[str, float]:
+        """Each rank holds its share of every mean; the sum over ranks is the global mean."""
+        if not self.dist.enabled:
+            return stats
+        keys = sorted(stats)
+        values = all_reduce(
+            torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=self.device),
+            self.dist,
+        )
+        return dict(zip(keys, values.tolist(), strict=True))
+
     def _optimizer_step(self, stats: dict[str, float]) -> None:
         if self.cfg.strategy.unit_norm_decoder:
             remove_parallel_decoder_grads(self.model)
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), self.cfg.train.grad_clip
         )
+        if isinstance(grad_norm, DTensor):
+            grad_norm = grad_norm.full_tensor()
         stats["train/grad_norm"] = grad_norm.item()
         if not (math.isfinite(stats["train/loss"]) and math.isfinite(stats["train/grad_norm"])):
             self._skip_step()
@@ -225,7 +285,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         p = self.progress
         p.skipped_in_a_row += 1
-        tqdm.write(f"step {p.step}: non-finite loss or gradient, step skipped")
+        self.say(f"step {p.step}: non-finite loss or gradient, step skipped")
         if p.skipped_in_a_row >= MAX_SKIPPED_STEPS:
             raise UserError(
                 f"{p.skipped_in_a_row} non-finite steps in a row at step {p.step}; "
@@ -237,24 +297,28 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Validation CE and per-site L0/FVU on the fixed validation windows at current α, k."""
-        self.model.eval()
+        self.train_model.eval()
         alpha, ks = self.schedule(self.progress.step)
         micro = self.cfg.train.batch_size // self.cfg.train.grad_accum
+        local = micro // self.dist.world_size
         chunks = range(0, len(self.val_x), micro)
+        parts = len(chunks) * self.dist.world_size
         stats: dict[str, float] = {}
         for i in chunks:
-            x = self.val_x[i : i + micro].to(self.device)
-            y = self.val_y[i : i + micro].to(self.device)
-            out = self.model(x, y, alpha=alpha, k=ks)
-            _accumulate(stats, {"val/loss": out.loss.item()}, len(chunks))
+            rows = slice(i + self.dist.rank * local, i + (self.dist.rank + 1) * local)
+            x, y = self.val_x[rows].to(self.device), self.val_y[rows].to(self.device)
+            out = self.train_model(x, y, alpha=alpha, k=ks)
+            _accumulate(stats, {"val/loss": out.loss.item()}, parts)
             for bid, site in out.sites.items():
-                _accumulate(stats, {f"val/{bid}/l0": site.l0.item()}, len(chunks))
+                _accumulate(stats, {f"val/{bid}/l0": site.l0.item()}, parts)
                 if site.fvu is not None:
-                    _accumulate(stats, {f"val/{bid}/fvu": site.fvu.item()}, len(chunks))
-        return stats
+                    _accumulate(stats, {f"val/{bid}/fvu": site.fvu.item()}, parts)
+        return self._sum_over_ranks(stats)
 
     def log(self, stats: dict[str, float]) -> None:
         """Write scalars to TensorBoard and to metrics.jsonl."""
+        if not self.dist.is_main:
+            return
         step = self.progress.step
         for tag, value in stats.items():
             self.writer.add_scalar(tag, value, step)
@@ -272,11 +336,12 @@ class Trainer:
         path = save_checkpoint(
             self.run_dir,
             self.progress.step,
-            self.model,
+            self.train_model,
             self.optimizer,
             Checkpoint(state=state, tensors=tensors),
             to_dict(self.cfg),
             self.cfg.train.keep_last,
+            self.dist,
         )
         self.progress.last_checkpoint = str(path)
         return path
@@ -288,16 +353,23 @@ class Trainer:
         t = self.cfg.train
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         bar = tqdm(
-            total=t.steps, initial=self.progress.step, desc="train", unit="step", dynamic_ncols=True
+            total=t.steps,
+            initial=self.progress.step,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            disable=not self.dist.is_main,
         )
         try:
             self._loop(bar)
+            return self.summary()
         finally:
             bar.close()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-            self.writer.close()
-        return self.summary()
+            if self.writer is not None:
+                self.writer.close()
+            shutdown()
 
     def _loop(self, bar: tqdm) -> None:
         t, p = self.cfg.train, self.progress
@@ -319,17 +391,27 @@ class Trainer:
             if p.step % t.eval_every == 0 or done:
                 self.last_eval = self.evaluate()
                 self.log(self.last_eval)
-                tqdm.write(f"step {p.step}: val loss {self.last_eval['val/loss']:.4f}")
-            if p.step % t.ckpt_every == 0 or done or self.stop_signal is not None:
+                self.say(f"step {p.step}: val loss {self.last_eval['val/loss']:.4f}")
+            self.snapshots.after_step(self.model, p.step, p.tokens)
+            crash_point("train.step", p.step)
+            stopping = self._agreed_stop()
+            if p.step % t.ckpt_every == 0 or done or stopping:
                 self.save()
-            if self.stop_signal is not None:
-                tqdm.write(
-                    f"stopped by signal {self.stop_signal} at step {p.step}; checkpoint saved"
-                )
+            if stopping:
+                self.say(f"stopped by signal {self.stop_signal} at step {p.step}; checkpoint saved")
                 return
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         self.stop_signal = signum
+
+    def _agreed_stop(self) -> bool:
+        """Whether any rank got SIGINT/SIGTERM: every rank then stops after the same step."""
+        if not self.dist.enabled:
+            return self.stop_signal is not None
+        flag = torch.tensor([self.stop_signal or 0], device=self.device)
+        signum = int(all_reduce(flag, self.dist).item())
+        self.stop_signal = self.stop_signal or (signum if signum else None)
+        return signum != 0
 
     def summary(self) -> dict[str, Any]:
         """Final numbers of the run, also written to summary.json."""

@@ -26,6 +26,11 @@ DTYPES = [torch.float32, torch.float16]  # the interpreter has no bf16 arithmeti
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def name(value: object) -> str | None:
+    """Test ids: dtypes by their short name, everything else as pytest would."""
+    return str(value).removeprefix("torch.") if isinstance(value, torch.dtype) else None
+
+
 def say(seed: int, what: str) -> str:
     """Failure message naming the check and how to replay it."""
     return f"{what} (seed {seed}; replay with SAEFORMER_TEST_SEED={seed})"
@@ -71,7 +76,7 @@ TOPK_CASES = [((5, 37), 1), ((5, 37), 6), ((3, 13), 13), ((2, 3, 20), 4), ((4, 1
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "strided"])
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=name)
 @pytest.mark.parametrize(("shape", "k"), TOPK_CASES)
 def test_topk_forward_backward(ops, seed, shape, k, dtype, layout) -> None:
     """Values, indices and grad of pre against torch.topk and a one-hot float64 backward."""
@@ -156,7 +161,9 @@ DECODE_CASES = [  # (n, k, f, d, dtype, layout, upstream): small, then several b
 ]
 
 
-@pytest.mark.parametrize(("n", "k", "f", "d", "dtype", "layout", "upstream"), DECODE_CASES)
+@pytest.mark.parametrize(
+    ("n", "k", "f", "d", "dtype", "layout", "upstream"), DECODE_CASES, ids=name
+)
 def test_sparse_decode(ops, seed, n, k, f, d, dtype, layout, upstream) -> None:
     """out, grad values and grad W_dec against dense z @ W_dec in float64 (autograd)."""
     import saeformer.kernels as kernels
@@ -227,7 +234,7 @@ ENCODE_CASES = [(4, 0, 0), (4, 3, 8), (5, 6, 2), (1, 1, 1)]  # (k, k_aux, number
 
 
 @pytest.mark.parametrize("h_grad", [True, False])
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=name)
 @pytest.mark.parametrize(("k", "k_aux", "n_dead"), ENCODE_CASES)
 def test_encode_topk(ops, seed, k, k_aux, n_dead, dtype, h_grad) -> None:
     """Values, indices, AuxK slots and grads of h, W_enc, b_enc against float64 dense."""
