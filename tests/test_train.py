@@ -103,3 +103,15 @@ def test_train_refuses_an_existing_run_without_resume(tmp_path, config_file, cap
     _fails_cleanly(["train", str(config_file), "--run-dir", str(run)], capsys, "--resume")
     assert (run / "keep.txt").read_text() == "precious"
     assert sorted(p.name for p in run.iterdir()) == ["keep.txt"]
+
+
+def test_activation_checkpointing_and_bf16_autocast(tmp_path, config_file):
+    def run(name: str, overrides: list[str]) -> dict[int, float]:
+        trainer = Trainer(load_config(config_file, ["train.steps=4", *overrides]), tmp_path / name)
+        return {s: trainer.train_step()["train/loss"] for s in range(4)}
+
+    plain = run("plain", [])
+    recomputed = run("ac", ["train.activation_checkpointing=true"])
+    assert recomputed == pytest.approx(plain, abs=1e-4)
+    bf16 = run("bf16", ["train.dtype=bf16"])
+    assert all(abs(bf16[s] - plain[s]) < 0.05 for s in plain), (bf16, plain)

@@ -65,9 +65,21 @@ def lineage(targets: list[np.ndarray], width: int) -> np.ndarray:
     return ancestors
 
 
-def one_to_many(i: np.ndarray, j: np.ndarray, size_a: int, size_b: int) -> tuple[np.ndarray, ...]:
-    """Masks of A rows with ≥2 partners in B (splits) and B rows with ≥2 in A (merges)."""
-    return np.bincount(i, minlength=size_a) >= 2, np.bincount(j, minlength=size_b) >= 2
+def one_to_many(a: np.ndarray, b: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """Splits (rows of A) and merges (rows of B) between consecutive decoders A and B.
+
+    A splits when more rows of B than of A itself lie within `threshold` cosine of it (and at
+    least two do): its direction is now shared by more features. Merges are the mirror image.
+    Near-duplicate features that persist unchanged are therefore no event.
+    """
+
+    def partners(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        return np.bincount(pairs_above(x, y, threshold)[0], minlength=len(x))
+
+    ahead, behind = partners(a, b), partners(b, a)
+    split = (ahead >= 2) & (ahead > partners(a, a))
+    merge = (behind >= 2) & (behind > partners(b, b))
+    return split, merge
 
 
 def _gather(values: np.ndarray, index: np.ndarray) -> np.ndarray:
@@ -108,7 +120,7 @@ def _collect(run_dir: Path, bid: str, steps: list[int], cfg: EvolveConfig) -> _T
         to_final.append(_match(dec, final_dec, cfg))
         if previous is not None:
             consecutive.append(_match(previous, dec, cfg))
-            split, merge = one_to_many(*pairs_above(previous, dec, cfg.split_cos), width, width)
+            split, merge = one_to_many(previous, dec, cfg.split_cos)
             splits.append(split)
             merges.append(merge)
         previous = dec

@@ -78,6 +78,7 @@ class Host:
 
     def width(self, hook: HookPoint) -> int:
         """The size of the activation vectors at `hook`."""
+        self._layer(hook)
         if hook.kind == "output":
             return self.d_model
         return self._down_proj(hook.layer).in_features

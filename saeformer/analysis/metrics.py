@@ -48,3 +48,16 @@ def token_entropy(token_ids: Tensor, valid: Tensor | None = None) -> Tensor:
     p = counts / counts.sum(dim=1, keepdim=True)
     terms = torch.where(p > 0, -p * torch.log2(p.clamp_min(1e-300)), torch.zeros_like(p))
     return terms.sum(dim=1).float().masked_fill(~ok.any(dim=1), float("nan"))
+
+
+def ce_loss_score(ce_clean: float, ce_spliced: float, ce_zero: float) -> float:
+    """(CE_zero − CE_spliced) / (CE_zero − CE_clean): 1 when splicing an SAE in loses nothing,
+    0 when it is no better than zero-ablating the activation."""
+    return (ce_zero - ce_spliced) / (ce_zero - ce_clean)
+
+
+def next_token_kl(clean_logits: Tensor, spliced_logits: Tensor) -> Tensor:
+    """Per-position KL(p_clean ‖ p_spliced) in nats of the next-token distributions, [...]."""
+    clean = torch.log_softmax(clean_logits.float(), dim=-1)
+    spliced = torch.log_softmax(spliced_logits.float(), dim=-1)
+    return (clean.exp() * (clean - spliced)).sum(dim=-1)

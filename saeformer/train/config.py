@@ -42,6 +42,10 @@ class TrainConfig:
     threads: int = 0  # torch CPU threads; 0 leaves torch's default
     parallel: Literal["ddp", "fsdp"] = "ddp"  # data parallelism under torchrun
     dist_timeout_s: int = 300  # a collective waiting longer than this fails the job
+    dtype: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast for the forward pass
+    compile: bool = False  # torch.compile each block
+    activation_checkpointing: bool = False  # recompute each block in the backward pass
+    sdpa_backend: Literal["auto", "flash", "efficient", "cudnn", "math"] = "auto"
 
 
 @dataclass

@@ -10,8 +10,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from saeformer.errors import UserError
@@ -61,22 +59,6 @@ def shutdown() -> None:
     """Leave the process group if one was joined."""
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def wrap_model(model: nn.Module, mode: str, ctx: DistContext, device: torch.device) -> nn.Module:
-    """DDP, or FSDP2 with one `fully_shard` per block and per bottleneck; unchanged alone."""
-    if not ctx.enabled:
-        return model
-    if mode == "ddp":
-        ids = [ctx.local_rank] if device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids)
-    mesh = init_device_mesh(device.type, (ctx.world_size,))
-    for block in model.blocks:
-        fully_shard(block, mesh=mesh)
-    for bottleneck in model.resid.values():
-        fully_shard(bottleneck, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    return model
 
 
 def set_gradient_sync(model: nn.Module, enabled: bool) -> None:

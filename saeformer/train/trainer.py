@@ -42,9 +42,10 @@ from saeformer.train.distributed import (
     init_distributed,
     set_gradient_sync,
     shutdown,
-    wrap_model,
 )
+from saeformer.train.flops import bottleneck_flops_per_token, dense_flops_per_token, peak_flops
 from saeformer.train.optim import build_optimizer, set_lr
+from saeformer.train.parallelize import compute_context, parallelize
 from saeformer.train.schedules import alpha_at, k_at, lr_at
 from saeformer.train.strategy import (
     normalize_decoders,
@@ -94,7 +95,7 @@ class Trainer:
             torch.set_num_threads(cfg.train.threads)
         torch.manual_seed(cfg.train.seed)
         self.model = Transformer(cfg.model).to(self.device)
-        self.train_model = wrap_model(self.model, cfg.train.parallel, self.dist, self.device)
+        self.train_model = parallelize(self.model, cfg.train, self.dist, self.device)
         self.optimizer = build_optimizer(self.model, cfg)
         self.batches = Batches(self.data.split("train"), cfg.model.context, cfg.train.seed)
         val_count = cfg.train.eval_batches * cfg.train.batch_size // cfg.train.grad_accum
@@ -228,7 +229,10 @@ class Trainer:
             set_gradient_sync(self.train_model, m == t.grad_accum - 1)
             start = p.position + m * micro + self.dist.rank * local
             x, y = self.batches.samples(start, local)
-            out = self.train_model(x.to(self.device), y.to(self.device), alpha=alpha, k=ks, aux=aux)
+            with compute_context(t, self.device):
+                out = self.train_model(
+                    x.to(self.device), y.to(self.device), alpha=alpha, k=ks, aux=aux
+                )
             loss, logged = self._loss(out)
             (loss / t.grad_accum).backward()
             _accumulate(stats, {"train/loss": out.loss.item(), **logged}, parts)
@@ -307,7 +311,8 @@ class Trainer:
         for i in chunks:
             rows = slice(i + self.dist.rank * local, i + (self.dist.rank + 1) * local)
             x, y = self.val_x[rows].to(self.device), self.val_y[rows].to(self.device)
-            out = self.train_model(x, y, alpha=alpha, k=ks)
+            with compute_context(self.cfg.train, self.device):
+                out = self.train_model(x, y, alpha=alpha, k=ks)
             _accumulate(stats, {"val/loss": out.loss.item()}, parts)
             for bid, site in out.sites.items():
                 _accumulate(stats, {f"val/{bid}/l0": site.l0.item()}, parts)
@@ -384,7 +389,7 @@ class Trainer:
             done = p.step == t.steps
             if p.step % t.log_every == 0 or done:
                 self.throughput = window_tokens / (time.perf_counter() - window_start)
-                stats["train/tokens_per_s"] = self.throughput
+                stats.update(self._speed())
                 self.log(stats)
                 bar.set_postfix(loss=f"{stats['train/loss']:.3f}", tok_s=f"{self.throughput:,.0f}")
                 window_start, window_tokens = time.perf_counter(), 0
@@ -400,6 +405,19 @@ class Trainer:
             if stopping:
                 self.say(f"stopped by signal {self.stop_signal} at step {p.step}; checkpoint saved")
                 return
+
+    def _speed(self) -> dict[str, float]:
+        """Throughput, and MFU where the device's peak is known (bottleneck FLOPs apart)."""
+        dense = dense_flops_per_token(self.cfg.model)
+        extra = bottleneck_flops_per_token(self.cfg.model)
+        stats = {
+            "train/tokens_per_s": self.throughput,
+            "train/bottleneck_flops_frac": extra / (dense + extra),
+        }
+        peak = peak_flops(self.device)
+        if peak is not None:
+            stats["train/mfu"] = self.throughput * (dense + extra) / (peak * self.dist.world_size)
+        return stats
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         self.stop_signal = signum
@@ -435,7 +453,9 @@ class Trainer:
             "tensorboard": str(self.run_dir / "tb"),
             "checkpoint": self.progress.last_checkpoint,
         }
-        write_json(self.run_dir / "summary.json", summary)
+        if self.dist.is_main:
+            write_json(self.run_dir / "summary.json", summary)
+        summary["rank"] = self.dist.rank
         return summary
 
 
