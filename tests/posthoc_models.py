@@ -7,14 +7,14 @@ import torch
 from saeformer.train.config import load_config
 from saeformer.train.trainer import Trainer
 
-DENSE_RUN = """
+TINY_RUN = """
 [model]
 n_layers = 2
 d_model = 32
 n_heads = 2
 d_ff = 64
 context = 32
-
+{bottleneck}
 [data]
 dir = "{data}"
 
@@ -62,10 +62,20 @@ def tiny_hf(arch: str, vocab_size: int = 128) -> torch.nn.Module:
     return transformers.Qwen3_5ForCausalLM(cfg)
 
 
-def dense_run(root: Path, data_dir: Path) -> Path:
-    """A two-layer saeformer run without bottlenecks, trained for two steps."""
-    config = root / "dense.toml"
-    config.write_text(DENSE_RUN.format(data=data_dir))
-    run_dir = root / "dense"
-    Trainer(load_config(config), run_dir).run()
+JOINT = """
+[[model.bottleneck]]
+site = "resid"
+layer = 0
+width = 64
+k = 4
+"""
+
+
+def dense_run(root: Path, data_dir: Path, *, joint: bool = False, seed: int = 0) -> Path:
+    """A two-layer saeformer run trained for two steps: dense, or with a `resid.0` bottleneck."""
+    name = f"{'joint' if joint else 'dense'}-{seed}"
+    config = root / f"{name}.toml"
+    config.write_text(TINY_RUN.format(data=data_dir, bottleneck=JOINT if joint else ""))
+    run_dir = root / name
+    Trainer(load_config(config, [f"train.seed={seed}"]), run_dir).run()
     return run_dir

@@ -115,3 +115,19 @@ def test_activation_checkpointing_and_bf16_autocast(tmp_path, config_file):
     assert recomputed == pytest.approx(plain, abs=1e-4)
     bf16 = run("bf16", ["train.dtype=bf16"])
     assert all(abs(bf16[s] - plain[s]) < 0.05 for s in plain), (bf16, plain)
+
+
+def test_alpha_zero_run_equals_the_dense_twin_step_for_step(tmp_path, config_file):
+    bypass = ["model.bottleneck=[]", "train.steps=6"]
+    dense = Trainer(load_config(config_file, bypass), tmp_path / "dense")
+    cfg = load_config(config_file, ["train.steps=6", "strategy.aux_coef=0", "strategy.rec_coef=0"])
+    cfg.model.bottleneck = [b for b in cfg.model.bottleneck if b.site == "resid"]
+    cfg.model.bottleneck[0].layer = 1
+    twin = Trainer(cfg, tmp_path / "bottleneck")
+    twin.schedule = lambda step: ({"resid.1": 0.0}, {"resid.1": 8})  # α held at 0
+    for _ in range(6):
+        a, b = dense.train_step(), twin.train_step()
+        assert a["train/loss"] == b["train/loss"]
+    dense_weights, twin_weights = dense.model.state_dict(), twin.model.state_dict()
+    for name, tensor in dense_weights.items():
+        assert torch.equal(tensor, twin_weights[name]), name

@@ -19,6 +19,7 @@ def topk(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
     Order within a row is backend-defined; the grad of pre is scattered to the selected slots.
     """
+    _check_k(k, pre.shape[-1], "k")
     return backend(pre.device).topk(pre, k)
 
 
@@ -44,8 +45,16 @@ def encode_topk(
     """
     if k_aux < 0 or (k_aux > 0 and dead_mask is None):
         raise ValueError(f"k_aux={k_aux} needs k_aux >= 0, and a dead_mask when positive")
+    _check_k(k, W_enc.shape[0], "k")
+    if k_aux:
+        _check_k(k_aux, W_enc.shape[0], "k_aux")
     lead = h.shape[:-1]
     result = backend(h.device).encode_topk(
         h.reshape(-1, h.shape[-1]), W_enc, b_enc, k, dead_mask, k_aux
     )
     return EncodeResult(*(None if t is None else t.reshape(*lead, t.shape[-1]) for t in result))
+
+
+def _check_k(k: int, width: int, name: str) -> None:
+    if not 1 <= k <= width:
+        raise ValueError(f"{name} = {k} must be between 1 and the width F = {width}")

@@ -41,19 +41,21 @@ class Bottleneck(nn.Module):
     ĥ = W_decᵀ TopK(ReLU(W_enc(h − b_dec) + b_enc)) + b_dec, with unit-norm decoder rows.
     """
 
-    def __init__(self, d_model: int, width: int, k: int) -> None:
+    def __init__(
+        self, d_model: int, width: int, k: int, generator: torch.Generator | None = None
+    ) -> None:
         super().__init__()
         self.d_model, self.width, self.k = d_model, width, k
         self.W_enc = nn.Parameter(torch.empty(width, d_model))
         self.b_enc = nn.Parameter(torch.zeros(width))
         self.W_dec = nn.Parameter(torch.empty(width, d_model))
         self.b_dec = nn.Parameter(torch.zeros(d_model))
-        self.reset_parameters()
+        self.reset_parameters(generator)
 
     @torch.no_grad()
-    def reset_parameters(self) -> None:
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """Unit-norm random decoder rows; encoder initialised as the decoder transpose."""
-        nn.init.normal_(self.W_dec)
+        self.W_dec.normal_(generator=generator)
         self.normalize_decoder()
         self.W_enc.copy_(self.W_dec)
         self.b_enc.zero_()

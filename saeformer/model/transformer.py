@@ -106,6 +106,12 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x)), None
 
 
+def _own_stream(layer: int) -> torch.Generator:
+    """A random stream for one bottleneck's initialisation, apart from the dense weights' one,
+    so a model and its dense twin draw identical dense weights from the same seed."""
+    return torch.Generator().manual_seed(torch.initial_seed() + 7919 * (layer + 1))
+
+
 class Transformer(nn.Module):
     """GPT-style LM; `resid.L` bottlenecks sit after block L, `mlp.L` ones inside it."""
 
@@ -120,7 +126,7 @@ class Transformer(nn.Module):
         )
         self.resid = nn.ModuleDict(
             {
-                str(b.layer): Bottleneck(cfg.d_model, b.width, b.k)
+                str(b.layer): Bottleneck(cfg.d_model, b.width, b.k, _own_stream(b.layer))
                 for b in cfg.bottleneck
                 if b.site == "resid"
             }

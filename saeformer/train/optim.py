@@ -21,9 +21,15 @@ def build_optimizer(model: Transformer, cfg: RunConfig) -> torch.optim.AdamW:
             groups["no_decay"].append(param)
     t = cfg.train
     param_groups = [
-        {"params": groups["decay"], "weight_decay": t.weight_decay, "lr_mult": 1.0},
-        {"params": groups["no_decay"], "weight_decay": 0.0, "lr_mult": 1.0},
         {
+            "name": "decay",
+            "params": groups["decay"],
+            "weight_decay": t.weight_decay,
+            "lr_mult": 1.0,
+        },
+        {"name": "no_decay", "params": groups["no_decay"], "weight_decay": 0.0, "lr_mult": 1.0},
+        {
+            "name": "bottleneck",
             "params": groups["bottleneck"],
             "weight_decay": 0.0,
             "lr_mult": cfg.strategy.bottleneck_lr_mult,
@@ -44,3 +50,15 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Set each group's lr to the scheduled lr times its multiplier."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group["lr_mult"]
+
+
+def clip_groups(optimizer: torch.optim.Optimizer, max_norm: float) -> dict[str, torch.Tensor]:
+    """Clip the host's and the bottlenecks' gradients separately, so bottleneck gradients never
+    change the host's clipping; return each part's norm before clipping."""
+    parts: dict[str, list[torch.nn.Parameter]] = {}
+    for group in optimizer.param_groups:
+        part = "bottleneck" if group["name"] == "bottleneck" else "host"
+        parts.setdefault(part, []).extend(group["params"])
+    return {
+        part: torch.nn.utils.clip_grad_norm_(params, max_norm) for part, params in parts.items()
+    }

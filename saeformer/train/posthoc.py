@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -132,9 +132,48 @@ def load_posthoc_config(path: Path, overrides: list[str] | None = None) -> Posth
 class SaeSet(nn.Module):
     """The run's SAEs, under `resid` so the joint trainer's decoder upkeep applies unchanged."""
 
-    def __init__(self, widths: list[tuple[int, int, int]]) -> None:
+    def __init__(self, names: list[str], dims: list[tuple[int, int, int]]) -> None:
         super().__init__()
-        self.resid = nn.ModuleDict({str(i): Bottleneck(*w) for i, w in enumerate(widths)})
+        self.names = names
+        self.resid = nn.ModuleDict({str(i): Bottleneck(*d) for i, d in enumerate(dims)})
+
+    def train_step(
+        self,
+        acts: list[Tensor],
+        optimizer: torch.optim.Optimizer,
+        since_fired: list[Tensor],
+        strategy: PosthocStrategy,
+        grad_clip: float,
+    ) -> dict[str, float]:
+        """One optimizer step of every SAE on its batch of activations (FVU + AuxK)."""
+        stats: dict[str, float] = {}
+        total = torch.zeros((), device=acts[0].device)
+        for i, (name, h) in enumerate(zip(self.names, acts, strict=True)):
+            sae = self.resid[str(i)]
+            aux = AuxRequest(rec=True)
+            if strategy.aux_coef > 0:
+                aux.dead_mask = since_fired[i] >= strategy.dead_tokens
+                aux.k_aux = min(strategy.k_aux, sae.width)
+            _, site = sae(h, aux=aux)
+            total = total + site.rec_loss
+            stats[f"{name}/fvu"] = site.rec_loss.item()
+            stats[f"{name}/l0"] = site.l0.item()
+            if site.auxk_loss is not None:
+                total = total + strategy.aux_coef * site.auxk_loss
+                stats[f"{name}/auxk_loss"] = site.auxk_loss.item()
+            update_dead_counters(since_fired[i], site.counts, len(h))
+            stats[f"{name}/dead_frac"] = dead_fraction(since_fired[i], strategy.dead_tokens)
+        total.backward()
+        if strategy.unit_norm_decoder:
+            remove_parallel_decoder_grads(self)
+        if grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.parameters(), grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if strategy.unit_norm_decoder:
+            normalize_decoders(self)
+        stats["train/loss"] = total.item()
+        return stats
 
 
 class PosthocTrainer:
@@ -160,7 +199,7 @@ class PosthocTrainer:
         ]
         self._prepare_run_dir(resume)
         torch.manual_seed(t.seed)
-        self.saes = SaeSet(dims).to(self.device)
+        self.saes = SaeSet([h.name for h in self.hooks], dims).to(self.device)
         self.optimizer = torch.optim.Adam(
             [{"params": list(self.saes.parameters()), "lr_mult": 1.0}],
             lr=t.lr,
@@ -235,40 +274,17 @@ class PosthocTrainer:
 
     def train_step(self) -> dict[str, float]:
         """One Adam step on `batch_tokens` activations at every hook point."""
-        t, s = self.cfg.train, self.cfg.strategy
+        t = self.cfg.train
         lr = lr_at(self.step, self._schedule())
         set_lr(self.optimizer, lr)
-        acts, self.position = self.stream.batch(self.position, t.batch_tokens)
-        stats: dict[str, float] = {"train/lr": lr}
-        total = torch.zeros((), device=self.device)
-        for i, hook in enumerate(self.hooks):
-            sae = self.saes.resid[str(i)]
-            aux = AuxRequest(rec=True)
-            if s.aux_coef > 0:
-                aux.dead_mask = self.since_fired[i] >= s.dead_tokens
-                aux.k_aux = min(s.k_aux, sae.width)
-            _, site = sae(acts[hook].to(self.device), aux=aux)
-            total = total + site.rec_loss
-            name = hook.name
-            stats[f"{name}/fvu"] = site.rec_loss.item()
-            stats[f"{name}/l0"] = site.l0.item()
-            if site.auxk_loss is not None:
-                total = total + s.aux_coef * site.auxk_loss
-                stats[f"{name}/auxk_loss"] = site.auxk_loss.item()
-            update_dead_counters(self.since_fired[i], site.counts, t.batch_tokens)
-            stats[f"{name}/dead_frac"] = dead_fraction(self.since_fired[i], s.dead_tokens)
-        total.backward()
-        if s.unit_norm_decoder:
-            remove_parallel_decoder_grads(self.saes)
-        if t.grad_clip > 0:
-            nn.utils.clip_grad_norm_(self.saes.parameters(), t.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if s.unit_norm_decoder:
-            normalize_decoders(self.saes)
+        batch, self.position = self.stream.batch(self.position, t.batch_tokens)
+        acts = [batch[h].to(self.device) for h in self.hooks]
+        stats = self.saes.train_step(
+            acts, self.optimizer, self.since_fired, self.cfg.strategy, t.grad_clip
+        )
+        stats["train/lr"] = lr
         self.step += 1
         self.tokens += t.batch_tokens
-        stats["train/loss"] = total.item()
         if not math.isfinite(stats["train/loss"]):
             raise UserError(f"non-finite loss at step {self.step}: lower train.lr")
         return stats

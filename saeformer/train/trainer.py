@@ -44,7 +44,7 @@ from saeformer.train.distributed import (
     shutdown,
 )
 from saeformer.train.flops import bottleneck_flops_per_token, dense_flops_per_token, peak_flops
-from saeformer.train.optim import build_optimizer, set_lr
+from saeformer.train.optim import build_optimizer, clip_groups, set_lr
 from saeformer.train.parallelize import compute_context, parallelize
 from saeformer.train.schedules import alpha_at, k_at, lr_at
 from saeformer.train.strategy import (
@@ -270,13 +270,11 @@ class Trainer:
     def _optimizer_step(self, stats: dict[str, float]) -> None:
         if self.cfg.strategy.unit_norm_decoder:
             remove_parallel_decoder_grads(self.model)
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            self.model.parameters(), self.cfg.train.grad_clip
-        )
-        if isinstance(grad_norm, DTensor):
-            grad_norm = grad_norm.full_tensor()
-        stats["train/grad_norm"] = grad_norm.item()
-        if not (math.isfinite(stats["train/loss"]) and math.isfinite(stats["train/grad_norm"])):
+        for part, norm in clip_groups(self.optimizer, self.cfg.train.grad_clip).items():
+            norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
+            stats[f"train/{part}_grad_norm"] = norm.item()
+        grad_norm = math.hypot(*(v for k, v in stats.items() if k.endswith("_grad_norm")))
+        if not (math.isfinite(stats["train/loss"]) and math.isfinite(grad_norm)):
             self._skip_step()
             return
         self.progress.skipped_in_a_row = 0
