@@ -20,6 +20,7 @@ demo: setup
 	test -f $(DATA)/meta.json || $(BIN)/saeformer prepare --out $(DATA)
 	$(BIN)/saeformer train configs/tiny-cpu.toml --run-dir $(DEMO_RUN)
 	$(BIN)/saeformer plot $(DEMO_RUN)
+	$(BIN)/saeformer report $(DEMO_RUN)
 
 test: setup
 	$(BIN)/ruff check saeformer tests scripts

@@ -3,15 +3,18 @@ joint bottleneck, a post-hoc SAE and a random-weights control."""
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from posthoc_models import dense_run, tiny_hf
+from tokenizers import Tokenizer
 
 from saeformer.analysis.compare import ProbeConfig, measure
 from saeformer.analysis.formats import export_saelens
 from saeformer.analysis.hooks import HFHost, HookPoint
 from saeformer.analysis.metrics import ce_loss_score, next_token_kl
+from saeformer.analysis.probing import brown_probe_set, k_sparse_probe
 from saeformer.cli import main
 from saeformer.model import Bottleneck
 from saeformer.train.data import TokenData, fixed_windows
@@ -119,3 +122,26 @@ def test_compare_prints_one_table_for_all_entries(tmp_path, data_dir, capsys):
         assert row["l0"] <= row["k"] and 0 <= row["dead_frac"] <= 1
         assert 0 <= row["pos:noun@k=4"] <= 1
         assert "control:random token label@k=1" in row
+
+
+def test_k_sparse_probe_finds_the_informative_feature():
+    gen = torch.Generator().manual_seed(0)
+    n, width = 2000, 50
+    labels = (torch.rand(n, generator=gen) < 0.3).long()
+    indices = torch.stack([torch.randint(1, width, (n,), generator=gen), torch.zeros(n).long()], 1)
+    values = torch.stack([torch.rand(n, generator=gen), labels.float() * 2.0], 1)
+    train = torch.arange(n) % 2 == 0
+    scores = k_sparse_probe(values, indices, width, labels, train, [1, 4])
+    assert scores[1] == 1.0 and scores[4] == 1.0  # feature 0 fires exactly on the positives
+    noise = k_sparse_probe(values[:, :1], indices[:, :1], width, labels, train, [1])
+    assert abs(noise[1] - 0.5) < 0.1  # balanced classes: chance is one half
+
+
+def test_brown_labels_follow_the_tags(data_dir):
+    tok = Tokenizer.from_file(str(TokenData(data_dir).tokenizer_path))
+    probe = brown_probe_set(Path("data/brown-tagged.tsv.xz"), tok, 512, 16, 4, words_per_doc=40)
+    first = tok.decode(probe.tokens[0, :8].tolist())
+    assert first.startswith("The Fulton")  # ca01 opens the corpus: The/at Fulton/np-tl ...
+    assert probe.labels["pos:determiner"][0, 0] == 1 and probe.labels["pos:noun"][0, 0] == 0
+    assert probe.labels["genre:fiction"][0].eq(0).all()  # genre a: press reportage
+    assert set(probe.labels["pos:verb"].unique().tolist()) <= {-1, 0, 1}

@@ -165,3 +165,15 @@ def test_evolve_without_snapshots_is_one_line(tmp_path, capsys):
 def test_an_unknown_matching_method_is_a_user_error():
     with pytest.raises(UserError, match="unknown matching method"):
         match_features(np.eye(3), np.eye(3), "greedy")
+
+
+def test_a_snapshot_naming_a_path_is_refused(tmp_path, capsys):
+    rows = unit_rows(np.random.default_rng().standard_normal((4, 8)))
+    _write_fake_snapshot(
+        tmp_path, 1, {"resid.0": rows}, {"resid.0": np.ones(4)}, {"resid.0": np.ones(4)}
+    )
+    meta = tmp_path / "snapshots" / "step_1" / "meta.json"
+    meta.write_text(json.dumps({"bottlenecks": ["../../escaped"]}))
+    assert main(["evolve", str(tmp_path)]) == 2
+    assert "not a bottleneck id" in capsys.readouterr().err
+    assert not (tmp_path.parent / "escaped").exists() and not (tmp_path / "evolution").exists()

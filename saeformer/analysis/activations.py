@@ -38,7 +38,7 @@ class StreamConfig:
     host_batch: int = 8  # windows per host forward pass
     buffer_tokens: int = 65_536  # activations per hook point held for shuffling
     exclude_first: int = 1  # positions dropped at the start of every window (no context)
-    norm_outlier: float = 0.0  # drop tokens whose norm exceeds this × the buffer median (0: off)
+    norm_outlier: float = 0.0  # drop norms above this × the host batch median (0: off)
     cache_dir: Path | None = None  # optional on-disk cache of the shuffled buffers
 
     def validate(self) -> None:

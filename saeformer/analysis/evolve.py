@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from saeformer.analysis.matching import match_features, pairs_above
+from saeformer.analysis.matching import Matching, match_features, pairs_above
 from saeformer.analysis.snapshot import list_snapshots, load_snapshot, snapshot_bottlenecks
 from saeformer.atomic import atomic_dir, write_json
 from saeformer.errors import UserError
@@ -65,21 +65,30 @@ def lineage(targets: list[np.ndarray], width: int) -> np.ndarray:
     return ancestors
 
 
-def one_to_many(a: np.ndarray, b: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+def self_partners(x: np.ndarray, threshold: float) -> np.ndarray:
+    """How many rows of X (itself included) lie within `threshold` cosine of each row."""
+    return np.bincount(pairs_above(x, x, threshold)[0], minlength=len(x))
+
+
+def one_to_many(
+    a: np.ndarray,
+    b: np.ndarray,
+    threshold: float,
+    own_a: np.ndarray | None = None,
+    own_b: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Splits (rows of A) and merges (rows of B) between consecutive decoders A and B.
 
     A splits when more rows of B than of A itself lie within `threshold` cosine of it (and at
     least two do): its direction is now shared by more features. Merges are the mirror image.
-    Near-duplicate features that persist unchanged are therefore no event.
+    Near-duplicate features that persist unchanged are therefore no event. `own_a`/`own_b`
+    are `self_partners` of A and B when already known.
     """
-
-    def partners(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        return np.bincount(pairs_above(x, y, threshold)[0], minlength=len(x))
-
-    ahead, behind = partners(a, b), partners(b, a)
-    split = (ahead >= 2) & (ahead > partners(a, a))
-    merge = (behind >= 2) & (behind > partners(b, b))
-    return split, merge
+    i, j = pairs_above(a, b, threshold)
+    ahead, behind = np.bincount(i, minlength=len(a)), np.bincount(j, minlength=len(b))
+    own_a = self_partners(a, threshold) if own_a is None else own_a
+    own_b = self_partners(b, threshold) if own_b is None else own_b
+    return (ahead >= 2) & (ahead > own_a), (behind >= 2) & (behind > own_b)
 
 
 def _gather(values: np.ndarray, index: np.ndarray) -> np.ndarray:
@@ -96,8 +105,8 @@ class _Trajectories:
     tokens: list[int]
     density: np.ndarray  # [S, F] by feature id at each snapshot
     entropy: np.ndarray  # [S, F]
-    to_final: list[Any]  # S matchings, each snapshot → the final one
-    consecutive: list[Any]  # S − 1 matchings, snapshot s → s + 1
+    to_final: list[Matching]  # S matchings, each snapshot → the final one
+    consecutive: list[Matching]  # S − 1 matchings, snapshot s → s + 1
     splits: np.ndarray  # [S − 1, F] features at s with ≥ 2 partners at s + 1
     merges: np.ndarray  # [S − 1, F] features at s + 1 with ≥ 2 partners at s
 
@@ -108,7 +117,7 @@ def _collect(run_dir: Path, bid: str, steps: list[int], cfg: EvolveConfig) -> _T
     final_dec = final.tensors["decoder"].float().numpy()
     width = len(final_dec)
     density, entropy, tokens, to_final, consecutive, splits, merges = [], [], [], [], [], [], []
-    previous = None
+    previous = own_previous = None
     for step in steps:
         snap = final if step == steps[-1] else load_snapshot(run_dir, step, bid)
         dec = snap.tensors["decoder"].float().numpy()
@@ -117,13 +126,14 @@ def _collect(run_dir: Path, bid: str, steps: list[int], cfg: EvolveConfig) -> _T
         density.append(snap.tensors["frequency"].numpy())
         entropy.append(snap.tensors["token_entropy"].numpy())
         tokens.append(int(snap.meta.get("tokens", 0)))
-        to_final.append(_match(dec, final_dec, cfg))
+        to_final.append(_match(dec, final_dec, cfg) if step != steps[-1] else _identity(width))
+        own = self_partners(dec, cfg.split_cos)
         if previous is not None:
             consecutive.append(_match(previous, dec, cfg))
-            split, merge = one_to_many(previous, dec, cfg.split_cos)
+            split, merge = one_to_many(previous, dec, cfg.split_cos, own_previous, own)
             splits.append(split)
             merges.append(merge)
-        previous = dec
+        previous, own_previous = dec, own
     empty = np.zeros((0, width), dtype=bool)
     return _Trajectories(
         steps=np.asarray(steps),
@@ -137,11 +147,16 @@ def _collect(run_dir: Path, bid: str, steps: list[int], cfg: EvolveConfig) -> _T
     )
 
 
-def _match(a: np.ndarray, b: np.ndarray, cfg: EvolveConfig) -> Any:
+def _identity(width: int) -> Matching:
+    """The final snapshot matched to itself."""
+    return Matching("identity", np.arange(width), np.ones(width, dtype=np.float32))
+
+
+def _match(a: np.ndarray, b: np.ndarray, cfg: EvolveConfig) -> Matching:
     return match_features(a, b, cfg.method, exact_max=cfg.exact_max, candidates=cfg.candidates)
 
 
-def cosine_to_final(to_final: list[Any], width: int) -> np.ndarray:
+def cosine_to_final(to_final: list[Matching], width: int) -> np.ndarray:
     """[S, F]: cosine between final feature f and its partner at snapshot s (NaN: none)."""
     out = np.full((len(to_final), width), np.nan)
     for s, match in enumerate(to_final):
@@ -189,7 +204,7 @@ def evolve_site(run_dir: Path, bid: str, steps: list[int], cfg: EvolveConfig) ->
             ],
         }
     )
-    method = t.consecutive[-1].method if t.consecutive else t.to_final[-1].method
+    method = t.consecutive[-1].method if t.consecutive else "none (one snapshot)"
     return SiteEvolution(features=features, steps=steps, method=method)
 
 

@@ -6,6 +6,7 @@ full bipartite matching over each feature's top candidates, or mutual nearest ne
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,28 +45,27 @@ def unit_rows(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norms, 1e-12)
 
 
-def _best(scores: np.ndarray, c: int, axis: int) -> np.ndarray:
-    """Indices of the c largest entries along `axis`, best first."""
-    c = min(c, scores.shape[axis])
-    return torch.from_numpy(scores).topk(c, dim=axis).indices.numpy()
+def _blocks(a: np.ndarray, b: np.ndarray) -> Iterator[tuple[int, torch.Tensor]]:
+    """Row blocks of the cosine matrix A Bᵀ, on the GPU when there is one."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ta, tb = torch.from_numpy(a).to(device), torch.from_numpy(b).to(device)
+    for lo in range(0, len(a), ROW_CHUNK):
+        yield lo, ta[lo : lo + ROW_CHUNK] @ tb.T
 
 
 def top_candidates(a: np.ndarray, b: np.ndarray, c: int) -> Candidates:
     """Top-c candidates both ways, in one pass over the cosine matrix in row blocks."""
     c = max(1, min(c, len(a), len(b)))
-    row_top = np.empty((len(a), c), dtype=np.int64)
-    col_idx = np.empty((0, len(b)), dtype=np.int64)
-    col_val = np.empty((0, len(b)), dtype=np.float32)
-    for lo in range(0, len(a), ROW_CHUNK):
-        scores = a[lo : lo + ROW_CHUNK] @ b.T
-        row_top[lo : lo + len(scores)] = _best(scores, c, axis=1)
-        block_idx = _best(scores, c, axis=0)
-        idx = np.concatenate([col_idx, block_idx + lo])
-        val = np.concatenate([col_val, np.take_along_axis(scores, block_idx, axis=0)])
-        keep = _best(val, c, axis=0)
-        col_idx = np.take_along_axis(idx, keep, axis=0)
-        col_val = np.take_along_axis(val, keep, axis=0)
-    return Candidates(row_top=row_top, col_top=col_idx.T)
+    rows, col_val, col_idx = [], None, None
+    for lo, scores in _blocks(a, b):
+        rows.append(scores.topk(c, dim=1).indices.cpu())
+        top = scores.topk(min(c, len(scores)), dim=0)
+        val, idx = top.values, top.indices + lo
+        if col_val is not None:
+            val, idx = torch.cat([col_val, val]), torch.cat([col_idx, idx])
+        keep = val.topk(min(c, len(val)), dim=0).indices
+        col_val, col_idx = val.gather(0, keep), idx.gather(0, keep)
+    return Candidates(row_top=torch.cat(rows).numpy(), col_top=col_idx.T.cpu().numpy())
 
 
 def pair_cosines(a: np.ndarray, b: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -138,10 +138,9 @@ def match_features(
 
 def pairs_above(a: np.ndarray, b: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
     """All (i, j) with cos(A_i, B_j) ≥ threshold, computed in row blocks."""
-    a, b = unit_rows(a), unit_rows(b)
-    found_i, found_j = [], []
-    for lo in range(0, len(a), ROW_CHUNK):
-        i, j = np.nonzero(a[lo : lo + ROW_CHUNK] @ b.T >= threshold)
-        found_i.append(i + lo)
-        found_j.append(j)
-    return np.concatenate(found_i), np.concatenate(found_j)
+    found = [
+        (scores >= threshold).nonzero().cpu() + torch.tensor([lo, 0])
+        for lo, scores in _blocks(unit_rows(a), unit_rows(b))
+    ]
+    pairs = torch.cat(found).numpy()
+    return pairs[:, 0], pairs[:, 1]

@@ -41,7 +41,6 @@ CARD_CHUNK = 50  # feature cards per lazily loaded data file
 TIMELINE_POINTS = 8  # snapshots whose top contexts a card's timeline shows
 TIMELINE_CONTEXTS = 3  # top contexts per timeline snapshot
 INDEX_TOKENS = 3  # most frequent top-activation tokens listed per feature in the browser
-STAT_NAMES = ("frequency", "mean_activation", "token_entropy", "top_values", "top_positions")
 CONTEXT_NAMES = ("top_values", "top_positions", "window_activations")
 JS_ESCAPES = {
     "<": "\\u003c",
@@ -122,7 +121,6 @@ def _top_tokens(tensors: dict[str, Tensor], inputs: Tensor) -> list[list[int]]:
 class _Site:
     """Inputs for one bottleneck's report pages."""
 
-    bid: str
     steps: list[int]
     evolution: SiteEvolution
     final: dict[str, Tensor]
@@ -136,7 +134,6 @@ def _index(site: _Site, card_chunk: dict[int, int]) -> dict[str, Any]:
     return {
         "density": [_num(x) for x in t["frequency"].tolist()],
         "entropy": [_num(x, 3) for x in t["token_entropy"].tolist()],
-        "max_act": [_num(x, 3) for x in t["top_values"][:, 0].tolist()],
         "birth": [_step(x) for x in f["birth_step"].tolist()],
         "stable": [_step(x) for x in f["stable_step"].tolist()],
         "top_tokens": _top_tokens(t, site.inputs),
@@ -196,7 +193,6 @@ def _write_site(
     """Write one bottleneck's index, card chunks and evolution plot; return its summary."""
     final = load_snapshot(run_dir, steps[-1], bid)
     site = _Site(
-        bid=bid,
         steps=steps,
         evolution=read_evolution(run_dir, bid),
         final=final.tensors,
@@ -251,11 +247,13 @@ def _run_info(run_dir: Path, steps: list[int], sites: list[dict[str, Any]]) -> d
     summary = json.loads(summary_file.read_text(encoding="utf-8")) if summary_file.is_file() else {}
     config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
     probe_meta = run_dir / "snapshots" / "probe" / "meta.json"
+    evolution = run_dir / "evolution" / "summary.json"
     return {
         "name": run_dir.resolve().name,
-        "summary": {k: summary.get(k) for k in ("step", "tokens", "val_loss", "sites")},
+        "summary": {k: summary.get(k) for k in ("step", "tokens", "val_loss")},
         "model": {k: config["model"][k] for k in ("n_layers", "d_model", "context", "vocab_size")},
         "probe": json.loads(probe_meta.read_text(encoding="utf-8")),
+        "evolution": json.loads(evolution.read_text(encoding="utf-8"))["config"],
         "snapshots": [{"step": s, "bytes": snapshot_bytes(run_dir, s)} for s in steps],
         "sites": sites,
     }

@@ -31,6 +31,7 @@ FORMAT = "saeformer-snapshot/1"
 FEATURES_FILE = "features.safetensors"
 PROBE_FILE = "probe.safetensors"
 STEP_DIR = re.compile(r"^step_(\d+)$")
+BOTTLENECK_ID = re.compile(r"^(resid|mlp)\.\d+$")
 N_PROMOTED = 10  # output tokens kept per feature, by direct-path logit
 GATHER_BUDGET = 1 << 22  # elements per chunk when gathering window activations
 LOGIT_CHUNK = 1024  # decoder rows per chunk when projecting through the unembedding
@@ -326,9 +327,16 @@ def load_snapshot(
 
 
 def snapshot_bottlenecks(run_dir: Path, step: int) -> list[str]:
-    """Bottleneck ids stored in the snapshot of `step`."""
+    """Bottleneck ids stored in the snapshot of `step` (checked: they name output paths)."""
     meta = snapshot_root(run_dir) / f"step_{step}" / "meta.json"
-    return json.loads(meta.read_text(encoding="utf-8"))["bottlenecks"]
+    try:
+        ids = json.loads(meta.read_text(encoding="utf-8"))["bottlenecks"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise UserError(f"cannot read {meta}: {exc}") from None
+    bad = [b for b in ids if not isinstance(b, str) or not BOTTLENECK_ID.match(b)]
+    if bad:
+        raise UserError(f"{meta}: {bad[0]!r} is not a bottleneck id (resid.L or mlp.L)")
+    return ids
 
 
 def snapshot_bytes(run_dir: Path, step: int) -> int:
@@ -341,12 +349,17 @@ def snapshot_bytes(run_dir: Path, step: int) -> int:
 
 
 class SnapshotWriter:
-    """Writes snapshots on the schedule of `cfg.snapshot` from inside the training loop."""
+    """Writes snapshots on the schedule of `cfg.snapshot` from inside the training loop.
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, data: TokenData) -> None:
+    Only one process writes (`enabled`: rank 0 of a data-parallel run, whose model is whole).
+    """
+
+    def __init__(
+        self, cfg: RunConfig, run_dir: Path, data: TokenData, *, enabled: bool = True
+    ) -> None:
         self.cfg, self.run_dir = cfg, run_dir
-        enabled = cfg.snapshot.every > 0 or cfg.snapshot.log_spaced
-        self.probe = ensure_probe(run_dir, cfg, data) if enabled else None
+        wanted = enabled and (cfg.snapshot.every > 0 or cfg.snapshot.log_spaced)
+        self.probe = ensure_probe(run_dir, cfg, data) if wanted else None
 
     def after_step(self, model: Transformer, step: int, tokens: int) -> Path | None:
         """Write the snapshot of `step` when one is due; return its folder."""

@@ -1,8 +1,9 @@
 """Torch-native kernels: the CPU implementation and the reference twin of the Triton kernels.
 
-Memory: no backward pass builds an N×F tensor. The three primitives below work on the sparse
-codes (N×k) and loop over fixed chunks of tokens, so their only temporary, a gathered
-[chunk, k, d] block, stays under `_CHUNK_ELEMS` elements: extra memory is O(N·k + F·d).
+Memory: no pass builds an N×F tensor. The encoder forward computes its pre-activations in
+blocks of rows of at most `_CHUNK_ELEMS` elements and keeps only the selected codes (N×k);
+the sparse products go through `embedding_bag`, whose forward and backward are fused
+gather-multiply-sum and segment-sum loops over the codes: extra memory is O(N·k + F·d).
 Ops take 2-D inputs (tokens flattened); the public wrappers in `saeformer.kernels` flatten.
 """
 
@@ -12,11 +13,12 @@ from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as nnf
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-_CHUNK_ELEMS = 1 << 22
-"""Largest temporary [chunk, k, d] block, in elements (16 MiB in fp32)."""
+_CHUNK_ELEMS = 1 << 24
+"""Largest block of encoder pre-activations [rows, F] held at once, in elements (64 MiB fp32)."""
 
 
 class EncodeResult(NamedTuple):
@@ -39,66 +41,29 @@ def _chunks(n: int, width: int) -> Iterator[slice]:
     return (slice(start, start + step) for start in range(0, n, step))
 
 
-def gather_combine(coeff: Tensor, idx: Tensor, rows: Tensor) -> Tensor:
-    """out[n] = Σ_j coeff[n, j] · rows[idx[n, j]]: [N, d] in the accumulation dtype."""
+def _combine(coeff: Tensor, idx: Tensor, rows: Tensor) -> Tensor:
+    """out[n] = Σ_j coeff[n, j] · rows[idx[n, j]] in the accumulation dtype; differentiable."""
     acc = _acc_dtype(coeff, rows)
-    n, k = idx.shape
-    out = rows.new_empty((n, rows.shape[1]), dtype=acc)
-    for s in _chunks(n, k * rows.shape[1]):
-        out[s] = torch.bmm(coeff[s].to(acc).unsqueeze(1), rows[idx[s]].to(acc)).squeeze(1)
-    return out
+    return nnf.embedding_bag(idx, rows.to(acc), per_sample_weights=coeff.to(acc), mode="sum")
 
 
-def gather_dot(x: Tensor, idx: Tensor, rows: Tensor) -> Tensor:
-    """out[n, j] = ⟨x[n], rows[idx[n, j]]⟩: [N, k] in the accumulation dtype."""
-    acc = _acc_dtype(x, rows)
-    n, k = idx.shape
-    out = x.new_empty((n, k), dtype=acc)
-    for s in _chunks(n, k * rows.shape[1]):
-        out[s] = torch.bmm(rows[idx[s]].to(acc), x[s].to(acc).unsqueeze(2)).squeeze(2)
-    return out
-
-
-def scatter_outer(coeff: Tensor, idx: Tensor, x: Tensor, num_rows: int) -> Tensor:
-    """Segment sum out[f] = Σ_{idx[n, j] = f} coeff[n, j] · x[n]: [F, d], accumulation dtype."""
-    acc = _acc_dtype(coeff, x)
-    n, k = idx.shape
-    d = x.shape[1]
-    out = x.new_zeros((num_rows, d), dtype=acc)
-    for s in _chunks(n, k * d):
-        outer = coeff[s].to(acc).unsqueeze(2) * x[s].to(acc).unsqueeze(1)
-        out.index_add_(0, idx[s].reshape(-1), outer.reshape(-1, d))
-    return out
-
-
-class _SparseDecode(torch.autograd.Function):
-    """out = Σ_j values[:, j] · W_dec[indices[:, j]], with a sparse backward."""
-
-    @staticmethod
-    def forward(ctx: Any, values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
-        ctx.save_for_backward(values, indices, W_dec)
-        out_dtype = torch.promote_types(values.dtype, W_dec.dtype)
-        return gather_combine(values, indices, W_dec).to(out_dtype)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, None, Tensor | None]:
-        values, indices, W_dec = ctx.saved_tensors
-        grad_values = grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_values = gather_dot(grad_out, indices, W_dec).to(values.dtype)
-        if ctx.needs_input_grad[2]:
-            grad_w = scatter_outer(values, indices, grad_out, W_dec.shape[0]).to(W_dec.dtype)
-        return grad_values, None, grad_w
-
-
-def _select(pre: Tensor, k: int, dead_mask: Tensor | None, k_aux: int) -> tuple[Tensor, Tensor]:
-    """Top-k of pre per row, then (k_aux > 0) the top-k_aux dead latents; overwrites pre."""
-    values, indices = pre.topk(k, dim=1)
-    if k_aux == 0 or dead_mask is None:
-        return values, indices
-    aux_values, aux_indices = pre.masked_fill_(~dead_mask, float("-inf")).topk(k_aux, dim=1)
-    return torch.cat([values, aux_values], 1), torch.cat([indices, aux_indices], 1)
+def _select(
+    h: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, dead_mask: Tensor | None, k_aux: int
+) -> tuple[Tensor, Tensor]:
+    """Top-k of h @ W_encᵀ + b_enc per row, then (k_aux > 0) the top-k_aux dead latents."""
+    live = None if k_aux == 0 or dead_mask is None else ~dead_mask
+    values, indices = [], []
+    for s in _chunks(h.shape[0], W_enc.shape[0]):
+        pre = nnf.linear(h[s], W_enc, b_enc)
+        top = pre.topk(k, dim=1)
+        if live is None:
+            values.append(top.values)
+            indices.append(top.indices)
+            continue
+        aux = pre.masked_fill_(live, float("-inf")).topk(k_aux, dim=1)
+        values.append(torch.cat([top.values, aux.values], 1))
+        indices.append(torch.cat([top.indices, aux.indices], 1))
+    return torch.cat(values), torch.cat(indices)
 
 
 class _EncodeTopK(torch.autograd.Function):
@@ -114,29 +79,37 @@ class _EncodeTopK(torch.autograd.Function):
         dead_mask: Tensor | None,
         k_aux: int,
     ) -> tuple[Tensor, Tensor]:
-        pre_sel, indices = _select(torch.nn.functional.linear(h, W_enc, b_enc), k, dead_mask, k_aux)
-        ctx.save_for_backward(h, W_enc, indices, pre_sel > 0)
+        pre_sel, indices = _select(h, W_enc, b_enc, k, dead_mask, k_aux)
+        values = torch.relu(pre_sel)
+        ctx.save_for_backward(h, W_enc, indices, values)
         ctx.b_dtype = b_enc.dtype
         ctx.mark_non_differentiable(indices)
-        return torch.relu(pre_sel), indices
+        return values, indices
 
     @staticmethod
     @once_differentiable
     def backward(
         ctx: Any, grad_values: Tensor, _grad_indices: Tensor | None
     ) -> tuple[Tensor | None, ...]:
-        h, W_enc, indices, active = ctx.saved_tensors
-        g = grad_values * active  # sparse grad of pre at the selected latents, [N, k + k_aux]
-        num_latents = W_enc.shape[0]
+        h, W_enc, indices, values = ctx.saved_tensors
+        g = torch.where(values > 0, grad_values, 0)  # sparse grad of pre, [N, k + k_aux]
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_h = gather_combine(g, indices, W_enc).to(h.dtype)
-        if ctx.needs_input_grad[1]:
-            grad_w = scatter_outer(g, indices, h, num_latents).to(W_enc.dtype)
-        if ctx.needs_input_grad[2]:
+        if need_h or need_w:
+            # grad h = Σ_j g[:, j] · W_enc[indices[:, j]]; grad W_enc is the vjp of that same
+            # product with h, so one embedding_bag forward and backward give both.
+            with torch.enable_grad():
+                rows = W_enc.detach().requires_grad_(need_w)
+                combined = _combine(g, indices, rows)
+            if need_h:
+                grad_h = combined.detach().to(h.dtype)
+            if need_w:
+                (grad_w,) = torch.autograd.grad(combined, rows, h.to(combined.dtype))
+                grad_w = grad_w.to(W_enc.dtype)
+        if need_b:
             acc = _acc_dtype(g)
             grad_b = (
-                g.new_zeros(num_latents, dtype=acc)
+                g.new_zeros(W_enc.shape[0], dtype=acc)
                 .index_add_(0, indices.reshape(-1), g.reshape(-1).to(acc))
                 .to(ctx.b_dtype)
             )
@@ -150,8 +123,12 @@ def topk(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 
 def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
-    """out[n] = Σ_j values[n, j] · W_dec[indices[n, j]] for 2-D values, indices [N, k]."""
-    return _SparseDecode.apply(values, indices, W_dec)
+    """out[n] = Σ_j values[n, j] · W_dec[indices[n, j]] for 2-D values, indices [N, k].
+
+    Autograd through `embedding_bag` gives the sparse backward: grad values as gathered dot
+    products, grad W_dec as a segment sum over the indices.
+    """
+    return _combine(values, indices, W_dec).to(torch.promote_types(values.dtype, W_dec.dtype))
 
 
 def encode_topk(

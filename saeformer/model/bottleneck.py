@@ -120,7 +120,8 @@ class Bottleneck(nn.Module):
         if aux.k_aux > 0 and code.aux_values is not None:
             error = (rows - h_hat).detach()
             error_hat = sparse_decode(code.aux_values, code.aux_indices, self.W_dec)
-            site.auxk_loss = fvu(error, error_hat, detach_denominator=True)
+            any_dead = aux.dead_mask.any()  # no dead feature: AuxK is 0 (a mask, not a sync)
+            site.auxk_loss = fvu(error, error_hat, detach_denominator=True) * any_dead
 
 
 class TopKMLP(nn.Module):

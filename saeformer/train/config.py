@@ -28,6 +28,8 @@ class TrainConfig:
     lr: float = 1e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 50
+    schedule: Literal["cosine", "wsd"] = "cosine"  # after warm-up: cosine, or stable then decay
+    decay_fraction: float = 0.2  # wsd: the last fraction of steps decays linearly to the floor
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -62,6 +64,11 @@ class StrategyConfig:
     rec_coef: float = 0.0  # λ_rec: reconstruction FVU at resid sites (trains the bottleneck only)
     unit_norm_decoder: bool = True  # renormalise decoder rows, drop the parallel gradient
     bottleneck_lr_mult: float = 1.0
+    bottleneck_warmup_steps: int = 0  # bottleneck lr ramps up over these steps (0: off)
+    teacher_run: Path | None = None  # KL distillation from this (dense) run directory
+    kd_coef: float = 0.0  # weight of the distillation KL (needs teacher_run)
+    temperature: float = 1.0  # distillation temperature (the loss is scaled by its square)
+    keep_last_dense: int = 1  # hint when a bottleneck sits in the last N blocks (0: no hint)
 
 
 @dataclass
@@ -108,13 +115,32 @@ class RunConfig:
             )
         if t.lr <= 0 or not 0 <= t.min_lr_ratio <= 1:
             raise UserError("train.lr must be positive and train.min_lr_ratio in [0, 1]")
+        if not 0 <= t.decay_fraction <= 1:
+            raise UserError(f"train.decay_fraction must be in [0, 1], got {t.decay_fraction}")
         if s.k_start and s.k_anneal_steps <= 0:
             raise UserError("strategy.k_start needs strategy.k_anneal_steps > 0")
         snap = self.snapshot
         if min(snap.every, snap.probe_windows, snap.top_m, snap.window) < 0:
             raise UserError("snapshot settings must be non-negative")
-        if min(s.aux_coef, s.rec_coef, s.k_aux, s.dead_tokens, s.k_levels) < 0:
+        counts = (s.aux_coef, s.rec_coef, s.kd_coef, s.k_aux, s.dead_tokens, s.k_levels)
+        if min(*counts, s.bottleneck_warmup_steps, s.keep_last_dense) < 0:
             raise UserError("strategy coefficients and counts must be non-negative")
+        if (s.kd_coef > 0) != (s.teacher_run is not None) or s.temperature <= 0:
+            raise UserError(
+                "strategy.kd_coef > 0 and strategy.teacher_run go together, "
+                "with strategy.temperature > 0"
+            )
+
+    def hints(self) -> list[str]:
+        """Advice that is not an error: bottlenecks in the last `keep_last_dense` blocks."""
+        n = self.strategy.keep_last_dense
+        late = [b.id for b in self.model.bottleneck if b.layer >= self.model.n_layers - n]
+        if n <= 0 or not late:
+            return []
+        return [
+            f"hint: {', '.join(late)} in the last {n} block(s); TopK LMs keep the last layers "
+            "dense (strategy.keep_last_dense sets N, 0 silences this)"
+        ]
 
 
 def load_config(path: Path, overrides: list[str] | None = None) -> RunConfig:

@@ -46,10 +46,12 @@ def _in_topk_mlp(name: str, mlp_sites: set[int]) -> bool:
     return parts[0] == "blocks" and int(parts[1]) in mlp_sites and parts[2] == "mlp"
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set each group's lr to the scheduled lr times its multiplier."""
+def set_lr(optimizer: torch.optim.Optimizer, lr: float, bottleneck_scale: float = 1.0) -> None:
+    """Set each group's lr to the scheduled lr times its multiplier (and the bottleneck group's
+    also times `bottleneck_scale`, its own warm-up)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr * group["lr_mult"]
+        scale = bottleneck_scale if group.get("name") == "bottleneck" else 1.0
+        group["lr"] = lr * group["lr_mult"] * scale
 
 
 def clip_groups(optimizer: torch.optim.Optimizer, max_norm: float) -> dict[str, torch.Tensor]:

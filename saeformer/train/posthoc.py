@@ -10,7 +10,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -43,6 +43,8 @@ from saeformer.train.strategy import (
     update_dead_counters,
 )
 from saeformer.train.trainer import pick_device
+
+FIT_ROWS = 4096  # activations used to fit the encoder scale at initialisation
 
 
 @dataclass
@@ -84,7 +86,7 @@ class PosthocStrategy:
     k_aux: int = 256
     dead_tokens: int = 1_000_000
     unit_norm_decoder: bool = True
-    b_dec_init: Literal["mean", "zeros"] = "mean"  # mean of the first buffer, or zeros
+    data_init: bool = True  # b_dec = mean of the first buffer, encoder scale fitted to it
 
 
 @dataclass
@@ -137,6 +139,20 @@ class SaeSet(nn.Module):
         self.names = names
         self.resid = nn.ModuleDict({str(i): Bottleneck(*d) for i, d in enumerate(dims)})
 
+    @torch.no_grad()
+    def init_from_data(self, acts: list[Tensor]) -> None:
+        """b_dec = mean activation; W_enc scaled so that ĥ − b_dec best fits h − b_dec.
+
+        TopK of ReLU is positively homogeneous in the encoder scale s, so ĥ − b_dec scales with
+        s and the least-squares s is ⟨h − b, ĥ − b⟩ / ‖ĥ − b‖² (on the first `FIT_ROWS` rows).
+        """
+        for sae, h in zip(self.resid.values(), acts, strict=True):
+            sae.b_dec.copy_(h.mean(dim=0))
+            centred = h[:FIT_ROWS] - sae.b_dec
+            recon = sae(h[:FIT_ROWS])[0] - sae.b_dec
+            scale = (centred * recon).sum() / recon.pow(2).sum().clamp_min(1e-12)
+            sae.W_enc.mul_(scale.clamp_min(1e-3))
+
     def train_step(
         self,
         acts: list[Tensor],
@@ -151,9 +167,10 @@ class SaeSet(nn.Module):
         for i, (name, h) in enumerate(zip(self.names, acts, strict=True)):
             sae = self.resid[str(i)]
             aux = AuxRequest(rec=True)
-            if strategy.aux_coef > 0:
-                aux.dead_mask = since_fired[i] >= strategy.dead_tokens
-                aux.k_aux = min(strategy.k_aux, sae.width)
+            dead = since_fired[i] >= strategy.dead_tokens
+            n_dead = int(dead.sum()) if strategy.aux_coef > 0 else 0
+            if n_dead > 0:  # AuxK over at most as many latents as are dead
+                aux.dead_mask, aux.k_aux = dead, min(strategy.k_aux, n_dead)
             _, site = sae(h, aux=aux)
             total = total + site.rec_loss
             stats[f"{name}/fvu"] = site.rec_loss.item()
@@ -206,32 +223,35 @@ class PosthocTrainer:
             betas=(t.beta1, t.beta2),
             eps=6.25e-10,
         )
-        special = special_token_ids(self.data.tokenizer_path)
-        train_tokens = self.data.split(cfg.data.split)
-        self.stream = ActivationStream(
-            self.host, self.hooks, train_tokens, special, cfg.data, t.seed
-        )
-        val_cfg = StreamConfig(
-            **{**vars(cfg.data), "buffer_tokens": t.eval_tokens, "cache_dir": None}
-        )
-        val = ActivationStream(
-            self.host, self.hooks, self.data.split("val"), special, val_cfg, t.seed
-        )
-        self.val = val.buffer(0)
+        self.stream, self.val = self._streams()
         self.since_fired = [
             torch.zeros(s.width, dtype=torch.int64, device=self.device) for s in cfg.sae
         ]
         self.step, self.position, self.tokens = 0, (0, 0), 0
         if resume:
             self._resume()
-        elif cfg.strategy.b_dec_init == "mean":
-            self._init_b_dec()
+        elif cfg.strategy.data_init:
+            first = self.stream.buffer(0)
+            self.saes.init_from_data([first[h].float() for h in self.hooks])
         self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=self.step or None)
         self.stop_signal: int | None = None
         self.last_eval: dict[str, float] = {}
         self.throughput = 0.0
 
     # ----- set-up -------------------------------------------------------------------------
+
+    def _streams(self) -> tuple[ActivationStream, dict[HookPoint, Tensor]]:
+        """The training stream, and the held-out activations of the validation split."""
+        cfg, seed = self.cfg, self.cfg.train.seed
+        special = special_token_ids(self.data.tokenizer_path)
+        tokens = self.data.split(cfg.data.split)
+        stream = ActivationStream(self.host, self.hooks, tokens, special, cfg.data, seed)
+        val_cfg = StreamConfig(
+            **{**vars(cfg.data), "buffer_tokens": cfg.train.eval_tokens, "cache_dir": None}
+        )
+        val_tokens = self.data.split("val")
+        val = ActivationStream(self.host, self.hooks, val_tokens, special, val_cfg, seed)
+        return stream, val.buffer(0)
 
     def _prepare_run_dir(self, resume: bool) -> None:
         if resume:
@@ -246,13 +266,6 @@ class PosthocTrainer:
             )
         self.run_dir.mkdir(parents=True, exist_ok=True)
         write_json(self.run_dir / "config.json", to_dict(self.cfg))
-
-    @torch.no_grad()
-    def _init_b_dec(self) -> None:
-        """Decoder bias = mean activation of the first buffer (a common TopK SAE init)."""
-        first = self.stream.buffer(0)
-        for i, h in enumerate(self.hooks):
-            self.saes.resid[str(i)].b_dec.copy_(first[h].float().mean(dim=0))
 
     def _resume(self) -> None:
         path = latest_checkpoint(self.run_dir)

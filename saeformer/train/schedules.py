@@ -1,4 +1,4 @@
-"""Step-indexed schedules: learning rate, bypass fade-in α and k annealing."""
+"""Step-indexed schedules: learning rate, bottleneck lr warm-up, bypass fade-in α, k annealing."""
 
 from __future__ import annotations
 
@@ -8,12 +8,24 @@ from saeformer.train.config import StrategyConfig, TrainConfig
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up to cfg.lr, then cosine decay to cfg.lr·min_lr_ratio at cfg.steps."""
+    """Linear warm-up to cfg.lr, then down to cfg.lr·min_lr_ratio at cfg.steps: a cosine, or
+    (wsd) a stable phase and a linear decay over the last decay_fraction of the steps."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
     floor = cfg.lr * cfg.min_lr_ratio
+    if cfg.schedule == "wsd":
+        decay_steps = round(cfg.decay_fraction * cfg.steps)
+        start = max(cfg.warmup_steps, cfg.steps - decay_steps)
+        return cfg.lr - (cfg.lr - floor) * min(1.0, max(0, step - start) / max(1, decay_steps))
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
     return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def bottleneck_lr_scale(step: int, cfg: StrategyConfig) -> float:
+    """Bottleneck warm-up: a factor (step+1)/N, capped at 1, on the bottleneck group's lr."""
+    if cfg.bottleneck_warmup_steps <= 0:
+        return 1.0
+    return min(1.0, (step + 1) / cfg.bottleneck_warmup_steps)
 
 
 def alpha_at(step: int, cfg: StrategyConfig) -> float:

@@ -1,11 +1,19 @@
-"""Per-step bottleneck upkeep: decoder-norm constraint and dead-feature counters."""
+"""Per-step bottleneck upkeep (decoder-norm constraint, dead-feature counters) and KL
+distillation from a dense teacher."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from saeformer.analysis.metrics import next_token_kl
+from saeformer.errors import UserError
 from saeformer.model import Bottleneck, Transformer
+from saeformer.runs import load_run
+from saeformer.train.config import RunConfig
+from saeformer.train.parallelize import compute_context
 
 
 def resid_bottlenecks(model: Transformer) -> list[Bottleneck]:
@@ -33,3 +41,28 @@ def update_dead_counters(since_fired: Tensor, counts: Tensor, n_tokens: int) -> 
     """Advance 'tokens since last fired' by n_tokens and reset the features that fired."""
     since_fired.add_(n_tokens)
     since_fired[counts.to(since_fired.device) > 0] = 0
+
+
+def distill_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """T²·KL(teacher ‖ student) of the next-token distributions at temperature T, token mean."""
+    t = temperature
+    return t * t * next_token_kl(teacher_logits / t, student_logits / t).mean()
+
+
+class Distiller:
+    """A frozen teacher run whose next-token distributions the student is pulled towards."""
+
+    def __init__(self, cfg: RunConfig, tokenizer: Path, device: torch.device) -> None:
+        run_dir = cfg.strategy.teacher_run
+        teacher = load_run(run_dir, device=str(device))
+        same_vocab = teacher.config.model.vocab_size == cfg.model.vocab_size
+        if not same_vocab or (run_dir / "tokenizer.json").read_bytes() != tokenizer.read_bytes():
+            raise UserError(f"strategy.teacher_run {run_dir} has another tokenizer than the data")
+        self.model = teacher.model.requires_grad_(False)
+        self.cfg, self.device = cfg, device
+
+    def loss(self, tokens: Tensor, student_logits: Tensor) -> Tensor:
+        """The distillation loss on the student's batch (teacher forward without gradients)."""
+        with torch.no_grad(), compute_context(self.cfg.train, self.device):
+            teacher_logits = self.model(tokens.to(self.device)).logits
+        return distill_loss(student_logits, teacher_logits, self.cfg.strategy.temperature)

@@ -46,8 +46,9 @@ from saeformer.train.distributed import (
 from saeformer.train.flops import bottleneck_flops_per_token, dense_flops_per_token, peak_flops
 from saeformer.train.optim import build_optimizer, clip_groups, set_lr
 from saeformer.train.parallelize import compute_context, parallelize
-from saeformer.train.schedules import alpha_at, k_at, lr_at
+from saeformer.train.schedules import alpha_at, bottleneck_lr_scale, k_at, lr_at
 from saeformer.train.strategy import (
+    Distiller,
     normalize_decoders,
     remove_parallel_decoder_grads,
     update_dead_counters,
@@ -90,6 +91,8 @@ class Trainer:
         if self.device.type == "cuda" and self.dist.enabled:
             self.device = torch.device("cuda", self.dist.local_rank)
         check_divisible(cfg.train.batch_size, cfg.train.grad_accum, self.dist)
+        for hint in cfg.hints():
+            self.say(hint)
         self._on_main(lambda: self._prepare_run_dir(resume))
         if cfg.train.threads > 0:
             torch.set_num_threads(cfg.train.threads)
@@ -97,6 +100,11 @@ class Trainer:
         self.model = Transformer(cfg.model).to(self.device)
         self.train_model = parallelize(self.model, cfg.train, self.dist, self.device)
         self.optimizer = build_optimizer(self.model, cfg)
+        self.distiller = (
+            Distiller(cfg, self.data.tokenizer_path, self.device)
+            if cfg.strategy.teacher_run
+            else None
+        )
         self.batches = Batches(self.data.split("train"), cfg.model.context, cfg.train.seed)
         val_count = cfg.train.eval_batches * cfg.train.batch_size // cfg.train.grad_accum
         self.val_x, self.val_y = fixed_windows(self.data.split("val"), cfg.model.context, val_count)
@@ -114,7 +122,7 @@ class Trainer:
             if self.dist.is_main
             else None
         )
-        self.snapshots = SnapshotWriter(cfg, run_dir, self.data)
+        self.snapshots = SnapshotWriter(cfg, run_dir, self.data, enabled=self.dist.is_main)
         self.stop_signal: int | None = None
         self.last_eval: dict[str, float] = {}
         self.throughput = 0.0
@@ -200,7 +208,7 @@ class Trainer:
             if bid.startswith("resid")
         }
 
-    def _loss(self, out: Output) -> tuple[torch.Tensor, dict[str, float]]:
+    def _loss(self, out: Output, tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         s = self.cfg.strategy
         loss = out.loss
         logged = {}
@@ -211,13 +219,17 @@ class Trainer:
             if site.auxk_loss is not None:
                 loss = loss + s.aux_coef * site.auxk_loss
                 logged[f"{bid}/auxk_loss"] = site.auxk_loss.item()
+        if self.distiller is not None:
+            kd = self.distiller.loss(tokens, out.logits)
+            loss = loss + s.kd_coef * kd
+            logged["train/kd_loss"] = kd.item()
         return loss, logged
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step over `batch_size` sequences in `grad_accum` micro-batches."""
         t, p = self.cfg.train, self.progress
-        lr = lr_at(p.step, t)
-        set_lr(self.optimizer, lr)
+        lr, bottleneck_scale = lr_at(p.step, t), bottleneck_lr_scale(p.step, self.cfg.strategy)
+        set_lr(self.optimizer, lr, bottleneck_scale)
         alpha, ks = self.schedule(p.step)
         aux = self._aux_requests()
         micro = t.batch_size // t.grad_accum
@@ -233,7 +245,7 @@ class Trainer:
                 out = self.train_model(
                     x.to(self.device), y.to(self.device), alpha=alpha, k=ks, aux=aux
                 )
-            loss, logged = self._loss(out)
+            loss, logged = self._loss(out, x)
             (loss / t.grad_accum).backward()
             _accumulate(stats, {"train/loss": out.loss.item(), **logged}, parts)
             for bid, site in out.sites.items():
@@ -248,6 +260,10 @@ class Trainer:
         p.position += t.batch_size
         p.tokens += t.batch_size * self.cfg.model.context
         stats["train/lr"] = lr
+        if self.widths:
+            stats["train/bottleneck_lr"] = (
+                lr * self.cfg.strategy.bottleneck_lr_mult * bottleneck_scale
+            )
         for bid in self.widths:
             stats[f"{bid}/k"] = ks[bid]
             stats[f"{bid}/dead_frac"] = dead_fraction(

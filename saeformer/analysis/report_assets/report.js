@@ -132,6 +132,7 @@ function sortedIds(index) {
 
 async function renderSite() {
   const site = siteInfo();
+  const evo = SAEF.data.run.evolution;
   const index = await SAEF.load(site.id + "/index", `data/${site.id}/index.js`);
   const root = document.getElementById("site");
   root.replaceChildren();
@@ -141,7 +142,8 @@ async function renderSite() {
   root.append(el("p", { class: "note", text:
     `${site.id}: F = ${site.width}, k = ${site.k}; full cards for ${site.cards} features ` +
     `(the densest). Matching: ${site.method}. Stable = cosine to the final decoder row ` +
-    "\u2265 0.9 from then on; born = fires on the probe set from then on." }));
+    `\u2265 ${evo.stable_cos} from then on; born = fires on \u2265 ${evo.density_floor} of ` +
+    `probe tokens from then on; split / merge partners: cosine \u2265 ${evo.split_cos}.` }));
   root.append(el("img", { class: "evolution", src: site.evolution_png, alt: `${site.id} evolution` }));
   const search = el("input", { type: "search", placeholder: "feature id (#12) or token text",
     value: state.query });

@@ -1,0 +1,459 @@
+"""The alignment-tax experiment of issue 4: what bottlenecks cost a language model, and which
+convergence strategies pay it back.
+
+Trains on the bundled corpus the dense twins (the same architecture without bottlenecks, two
+seeds, and one widened to the bottleneck model's parameter count), naive insertion (every
+strategy off), each strategy alone and the combined recipe (two seeds), at resid and at mlp
+sites, then the combined recipe at growing model widths. Protocol (DESIGN.md, Metrics): a
+warm-up/stable/decay lr schedule; the penalty at the dense budget N; the alignment tax from
+decays branched off each bottleneck run's stable phase at 1.25, 1.5, 2 and 3 times the budget
+(each branch continues the previous one's stable phase, so a longer run is a fair
+continuation), stopping once a branch reaches the dense twin's loss. Rerunning the command
+skips finished runs and resumes unfinished ones; docs/results.md is rewritten from whatever
+has finished.
+
+    python scripts/alignment_tax.py                                  # the CPU grid (hours)
+    python scripts/alignment_tax.py --scale smoke --budget-steps 20 --data /tmp/prepared
+    python scripts/alignment_tax.py --only 'dense-*,resid-naive'     # a subset
+    python scripts/alignment_tax.py --report-only                    # rewrite docs/results.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from saeformer.atomic import atomic_dir, write_json
+from saeformer.configio import apply_override, build, parse_override
+from saeformer.errors import UserError
+from saeformer.model import Transformer
+from saeformer.model.config import ModelConfig
+from saeformer.train.checkpoint import latest_checkpoint, list_checkpoints
+from saeformer.train.config import RunConfig, load_config
+from saeformer.train.data import TokenData
+from saeformer.train.trainer import Trainer
+
+SEEDS = (0, 1)  # the dense twin and the combined recipe run with both
+SITES = ("resid", "mlp")
+TAX_MULTIPLES = (1.0, 1.25, 1.5, 2.0, 3.0)  # branch budgets, in units of the dense budget
+DECAY_FRACTION = 0.2  # of the dense budget: every run ends with a linear decay this long
+DATA = Path("data/prepared/bundled")  # `saeformer prepare --out data/prepared/bundled`
+
+
+@dataclass(frozen=True)
+class Scale:
+    """A model size and dense budget for the whole grid."""
+
+    model: dict[str, Any]  # the [model] table without bottlenecks
+    sites: dict[str, list[tuple[int, int, int]]]  # (layer, width F, k) of each site's bottlenecks
+    train: dict[str, Any]  # [train] settings besides the schedule
+    budget_steps: int
+    dead_tokens: int  # a feature is dead after this many tokens without firing
+    k_aux: int
+    widths: tuple[int, ...]  # d_model values the width search tries, smallest first
+    note: str
+
+
+SCALES = {
+    "smoke": Scale(
+        model={"n_layers": 2, "d_model": 32, "n_heads": 2, "d_ff": 128, "context": 32},
+        sites={"resid": [(0, 256, 8)], "mlp": [(0, 128, 8)]},
+        train={"batch_size": 8, "lr": 3e-3, "eval_batches": 2, "threads": 1},
+        budget_steps=20,
+        dead_tokens=2_000,
+        k_aux=32,
+        widths=(40, 48),
+        note="a pipeline check only: nothing in it measures the strategies",
+    ),
+    "cpu": Scale(
+        model={"n_layers": 4, "d_model": 128, "n_heads": 4, "d_ff": 512, "context": 128},
+        sites={"resid": [(1, 2048, 32), (2, 2048, 32)], "mlp": [(1, 512, 32), (2, 512, 32)]},
+        train={"batch_size": 32, "lr": 2e-3, "eval_batches": 8},
+        budget_steps=1200,
+        dead_tokens=200_000,
+        k_aux=128,
+        widths=(144, 160, 192),
+        note=(
+            "a smaller model than the demo's, trained for about one epoch of the bundled "
+            "corpus, so that the dense twin's loss has room to flatten on 2 CPU cores"
+        ),
+    ),
+    "gpu": Scale(
+        model={"n_layers": 12, "d_model": 768, "n_heads": 12, "d_ff": 3072, "context": 1024},
+        sites={"resid": [(4, 32768, 64), (8, 32768, 64)], "mlp": [(4, 3072, 64), (8, 3072, 64)]},
+        train={"batch_size": 64, "lr": 6e-4, "eval_batches": 16, "dtype": "bf16"},
+        budget_steps=8000,
+        dead_tokens=10_000_000,
+        k_aux=512,
+        widths=(864, 960, 1152),
+        note="GPT-2 small; needs a corpus far larger than the bundled one (--data)",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One configuration of the grid, trained as one or more branches (budget multiples)."""
+
+    name: str
+    kind: str  # dense | wide | naive | strategy | combined | width
+    site: str | None
+    model: dict[str, Any]
+    strategy: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    multiples: tuple[float, ...] = (1.0,)
+
+
+def strategies(scale: Scale, n: int, teacher: Path) -> dict[str, tuple[set[str], dict[str, Any]]]:
+    """Each strategy switch of issue 4 with its schedule, and the sites it applies to."""
+    k = max(k for bottlenecks in scale.sites.values() for _, _, k in bottlenecks)
+    return {
+        "fade-in": ({"resid"}, {"alpha_warmup_steps": 3 * n // 10}),
+        "k-anneal": (set(SITES), {"k_start": 8 * k, "k_anneal_steps": 3 * n // 10}),
+        "auxk": ({"resid"}, {"aux_coef": 1 / 32, "k_aux": scale.k_aux}),
+        "unit-norm": ({"resid"}, {"unit_norm_decoder": True}),
+        "lr-mult": (set(SITES), {"bottleneck_lr_mult": 0.5}),
+        "bn-warmup": (set(SITES), {"bottleneck_warmup_steps": n // 5}),
+        "rec": ({"resid"}, {"rec_coef": 0.1}),
+        "distill": (set(SITES), {"teacher_run": str(teacher), "kd_coef": 0.5}),
+    }
+
+
+def widen(model: dict[str, Any], d_model: int) -> dict[str, Any]:
+    """The model at width d_model: d_ff scaled alike, mlp bottlenecks as wide as d_ff."""
+    d_ff = round(model["d_ff"] * d_model / model["d_model"])
+    bottlenecks = [
+        {**b, "width": d_ff} if b["site"] == "mlp" and b["width"] == model["d_ff"] else b
+        for b in model["bottleneck"]
+    ]
+    return {**model, "d_model": d_model, "d_ff": d_ff, "bottleneck": bottlenecks}
+
+
+def n_params(model: dict[str, Any], vocab_size: int) -> int:
+    """Parameter count of a [model] table (built on the meta device, nothing allocated)."""
+    cfg = build(ModelConfig, {**model, "vocab_size": vocab_size}, where="model")
+    with torch.device("meta"):
+        return sum(p.numel() for p in Transformer(cfg).parameters())
+
+
+def matched_width(dense: dict[str, Any], target: int, vocab_size: int) -> int:
+    """The d_model (a multiple of 2·n_heads) whose dense model comes closest to `target` params."""
+    d, step = dense["d_model"], 2 * dense["n_heads"]
+    while n_params(widen(dense, d + step), vocab_size) <= target:
+        d += step
+    below, above = (n_params(widen(dense, w), vocab_size) for w in (d, d + step))
+    return d if target - below <= above - target else d + step
+
+
+class Grid:
+    """The runs of one scale and budget under one output folder, and how to train them."""
+
+    def __init__(
+        self, scale: Scale, n: int, out: Path, data: Path, sets: list[str] | None = None
+    ) -> None:
+        self.scale, self.n, self.out, self.data, self.sets = scale, n, out, data, sets or []
+        self.vocab_size = TokenData(data).vocab_size
+        self.decay = max(1, round(DECAY_FRACTION * n))
+        if n - self.decay < 1:
+            raise UserError(f"--budget-steps {n} leaves no stable phase before the decay")
+        dense = {**scale.model, "bottleneck": []}
+        self.wide_width = {
+            site: matched_width(
+                dense, n_params(self.site_model(site), self.vocab_size), self.vocab_size
+            )
+            for site in SITES
+        }
+        self.arms = self._plan()
+
+    # ----- the plan -----------------------------------------------------------------------
+
+    def site_model(self, site: str) -> dict[str, Any]:
+        """The [model] table with this site's bottlenecks."""
+        bottlenecks = [
+            {"site": site, "layer": layer, "width": width, "k": k}
+            for layer, width, k in self.scale.sites[site]
+        ]
+        return {**self.scale.model, "bottleneck": bottlenecks}
+
+    def wide_twin(self, site: str) -> str:
+        """Name of the dense twin widened to this site's bottleneck model's parameter count."""
+        d = self.wide_width[site]
+        return "dense-s0" if d == self.scale.model["d_model"] else f"dense-d{d}"
+
+    def params(self, arm: Arm) -> int:
+        """Parameter count of an arm's model."""
+        return n_params(arm.model, self.vocab_size)
+
+    def arm(self, name: str) -> Arm:
+        """The arm of this name."""
+        return next(a for a in self.arms if a.name == name)
+
+    def _plan(self) -> list[Arm]:
+        dense = {**self.scale.model, "bottleneck": []}
+        arms = [Arm(f"dense-s{s}", "dense", None, dense, seed=s) for s in SEEDS]
+        for site in SITES:
+            name, d = self.wide_twin(site), self.wide_width[site]
+            if name not in {a.name for a in arms}:
+                arms.append(Arm(name, "wide", None, widen(dense, d)))
+        off = {"unit_norm_decoder": False, "dead_tokens": self.scale.dead_tokens}
+        teacher = (self.out / "dense-s0" / branch_name(1.0)).resolve()
+        for site in SITES:
+            model, tax = self.site_model(site), TAX_MULTIPLES
+            arms.append(Arm(f"{site}-naive", "naive", site, model, off, multiples=tax))
+            alone = {
+                name: values
+                for name, (where, values) in strategies(self.scale, self.n, teacher).items()
+                if site in where
+            }
+            for name, values in alone.items():
+                arms.append(
+                    Arm(f"{site}-{name}", "strategy", site, model, {**off, **values}, multiples=tax)
+                )
+            combined = {**off, **{key: v for values in alone.values() for key, v in values.items()}}
+            for s in SEEDS:
+                arms.append(Arm(f"{site}-combined-s{s}", "combined", site, model, combined, s, tax))
+            for d in self.scale.widths:
+                arms.append(Arm(f"{site}-combined-d{d}", "width", site, widen(model, d), combined))
+        return arms
+
+    # ----- layout -------------------------------------------------------------------------
+
+    def total_steps(self, multiple: float) -> int:
+        """Steps of the branch that ends at `multiple` times the dense budget."""
+        return round(multiple * self.n)
+
+    def branch_dir(self, arm: Arm, multiple: float) -> Path:
+        """Run directory of one branch of an arm."""
+        return self.out / arm.name / branch_name(multiple)
+
+    def summary(self, arm: Arm, multiple: float) -> dict[str, Any] | None:
+        """The branch's summary.json once it has finished its decay, else None."""
+        path = self.branch_dir(arm, multiple) / "summary.json"
+        if not path.is_file():
+            return None
+        summary = json.loads(path.read_text())
+        return summary if summary["step"] == self.total_steps(multiple) else None
+
+    def run_config(self, arm: Arm) -> RunConfig:
+        """The full config of a fresh run of this arm (steps are set per phase)."""
+        n = self.n
+        train = {
+            **self.scale.train,
+            "schedule": "wsd",
+            "warmup_steps": max(1, n // 20),
+            "eval_every": max(1, n // 10),
+            "log_every": max(1, n // 50),
+            "ckpt_every": max(1, n // 4),
+            "keep_last": 2,
+            "seed": arm.seed,
+        }
+        data = {
+            "model": arm.model,
+            "data": {"dir": str(self.data)},
+            "train": train,
+            "strategy": {"dead_tokens": self.scale.dead_tokens, **arm.strategy},
+        }
+        for text in self.sets:
+            apply_override(data, *parse_override(text))
+        return build(RunConfig, data, where=arm.name)
+
+    # ----- training -----------------------------------------------------------------------
+
+    def train_branch(self, arm: Arm, index: int) -> None:
+        """Stable phase up to the decay start (seeding the next branch there), then the decay."""
+        multiple = arm.multiples[index]
+        run_dir = self.branch_dir(arm, multiple)
+        total = self.total_steps(multiple)
+        if self.summary(arm, multiple) is not None:
+            return  # finished (its checkpoints may be gone)
+        start = total - self.decay
+        if checkpoint_step(run_dir) < start:
+            self._train(arm, run_dir, start, 0.0)
+        if index + 1 < len(arm.multiples):
+            seed_branch(run_dir, start, self.branch_dir(arm, arm.multiples[index + 1]))
+        self._train(arm, run_dir, total, self.decay / total)
+        keep = 1 if index == 0 else 0  # the budget run's model stays (the distillation teacher)
+        for old in list_checkpoints(run_dir)[: len(list_checkpoints(run_dir)) - keep]:
+            shutil.rmtree(old)
+
+    def _train(self, arm: Arm, run_dir: Path, steps: int, decay_fraction: float) -> None:
+        over = [f"train.steps={steps}", f"train.decay_fraction={decay_fraction!r}"]
+        if latest_checkpoint(run_dir) is not None:
+            cfg = load_config(run_dir / "config.json", over + self.sets)
+            trainer = Trainer(cfg, run_dir, resume=True)
+        else:
+            shutil.rmtree(run_dir, ignore_errors=True)  # killed before its first checkpoint
+            cfg = self.run_config(arm)
+            cfg.train.steps, cfg.train.decay_fraction = steps, decay_fraction
+            trainer = Trainer(cfg, run_dir)
+        began = time.perf_counter()
+        summary = trainer.run()
+        add_wall_time(run_dir, time.perf_counter() - began)
+        if (signum := summary["stopped_by_signal"]) is not None:
+            tqdm.write(f"stopped by signal {signum}; rerun the same command to resume")
+            raise SystemExit(128 + signum)
+
+    # ----- targets ------------------------------------------------------------------------
+
+    def dense_loss(self) -> float | None:
+        """The dense twin's final validation loss, averaged over its finished seeds."""
+        losses = [
+            s["val_loss"]
+            for arm in self.arms
+            if arm.kind == "dense" and (s := self.summary(arm, 1.0)) is not None
+        ]
+        return sum(losses) / len(losses) if losses else None
+
+    def reached(self, arm: Arm, upto: int) -> bool:
+        """Whether one of the first `upto` branches of the arm reached the dense twin's loss."""
+        target = self.dense_loss()
+        losses = [s["val_loss"] for m in arm.multiples[:upto] if (s := self.summary(arm, m))]
+        return target is not None and any(loss <= target for loss in losses)
+
+
+def branch_name(multiple: float) -> str:
+    """Folder name of the branch ending at `multiple` times the dense budget."""
+    return f"x{multiple:.2f}"
+
+
+def checkpoint_step(run_dir: Path) -> int:
+    """Step of the newest checkpoint of a run directory (-1 when it has none)."""
+    latest = latest_checkpoint(run_dir)
+    return -1 if latest is None else int(latest.name.removeprefix("step_"))
+
+
+def seed_branch(run_dir: Path, step: int, target: Path) -> None:
+    """Start the next branch from this one's stable-phase checkpoint (once, atomically)."""
+    if target.exists():
+        return
+    with atomic_dir(target) as tmp:
+        shutil.copytree(
+            run_dir / "checkpoints" / f"step_{step}", tmp / "checkpoints" / f"step_{step}"
+        )
+        for name in ("config.json", "tokenizer.json"):
+            shutil.copyfile(run_dir / name, tmp / name)
+
+
+def add_wall_time(run_dir: Path, seconds: float) -> None:
+    """Accumulate a branch's training wall time in timing.json (it may take several sessions)."""
+    path = run_dir / "timing.json"
+    before = json.loads(path.read_text())["seconds"] if path.is_file() else 0.0
+    write_json(path, {"seconds": before + seconds})
+
+
+def selected(arms: list[Arm], only: str | None) -> list[Arm]:
+    """The arms whose names match one of the comma-separated patterns of --only (all without)."""
+    if not only:
+        return arms
+    patterns = [p.strip() for p in only.split(",") if p.strip()]
+    return [a for a in arms if any(fnmatch.fnmatch(a.name, p) for p in patterns)]
+
+
+def train_grid(grid: Grid, arms: list[Arm]) -> None:
+    """Budget runs first (dense twins before the rest), then the tax branches, then widths."""
+    budget = [a for a in arms if a.kind != "width"]
+    branches = [(a, i) for a in budget for i in range(1, len(a.multiples))]
+    widths = [a for a in arms if a.kind == "width"]
+    bar = tqdm(total=len(budget) + len(branches) + len(widths), desc="grid", unit="run")
+    try:
+        for arm in budget:
+            if arm.strategy.get("teacher_run") and grid.summary(grid.arm("dense-s0"), 1.0) is None:
+                tqdm.write(f"{arm.name}: skipped until its teacher dense-s0 has finished")
+            elif grid.summary(arm, 1.0) is None:
+                bar.set_postfix_str(arm.name)
+                grid.train_branch(arm, 0)
+            bar.update()
+        for arm, index in branches:
+            run_dir = grid.branch_dir(arm, arm.multiples[index])
+            if grid.reached(arm, index):
+                if not (run_dir / "metrics.jsonl").exists():  # seeded, no longer needed
+                    shutil.rmtree(run_dir, ignore_errors=True)
+            elif grid.summary(arm, arm.multiples[index - 1]) and grid.dense_loss() is not None:
+                bar.set_postfix_str(f"{arm.name} {run_dir.name}")
+                grid.train_branch(arm, index)
+            bar.update()
+        for arm in widths:
+            ladder = [grid.arm(f"{arm.site}-combined-s0")] + [
+                a for a in grid.arms if a.kind == "width" and a.site == arm.site
+            ]
+            smaller = ladder[: ladder.index(arm)]  # all finished, none reached: try this width
+            ready = grid.dense_loss() is not None and all(grid.summary(a, 1.0) for a in smaller)
+            if ready and not any(grid.reached(a, 1) for a in smaller):
+                bar.set_postfix_str(arm.name)
+                grid.train_branch(arm, 0)
+            bar.update()
+    finally:
+        bar.close()
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Command-line options."""
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--scale", choices=SCALES, default="cpu", help="grid size (default cpu)")
+    p.add_argument("--budget-steps", type=int, help="the dense budget N in steps (scale default)")
+    p.add_argument("--only", help="train only arms matching these comma-separated patterns")
+    p.add_argument("--data", type=Path, default=DATA, help=f"token shards (default {DATA})")
+    p.add_argument("--out", type=Path, help="run folders (default runs/alignment_tax/SCALE)")
+    p.add_argument("--results", type=Path, default=Path("docs/results.md"), help="the page")
+    p.add_argument("--img-dir", type=Path, default=Path("docs/img/results"), help="its plots")
+    p.add_argument("--report-only", action="store_true", help="rewrite the page, train nothing")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value of every run, e.g. train.threads=2 or train.device=cuda",
+    )
+    return p.parse_args(argv)
+
+
+def grid_command(args: argparse.Namespace) -> str:
+    """The command that trains this grid (the options that change what it trains)."""
+    parts = ["python scripts/alignment_tax.py", f"--scale {args.scale}"]
+    if args.budget_steps:
+        parts.append(f"--budget-steps {args.budget_steps}")
+    if args.data != DATA:
+        parts.append(f"--data {args.data}")
+    if args.out:
+        parts.append(f"--out {args.out}")
+    return " ".join(parts + [f"--set {text}" for text in args.set])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Train what is missing of the grid, then rewrite the results page."""
+    from alignment_tax_report import write_results
+
+    args = parse_args(argv)
+    scale = SCALES[args.scale]
+    n = args.budget_steps or scale.budget_steps
+    out = args.out or Path("runs/alignment_tax") / args.scale
+    try:
+        grid = Grid(scale, n, out, args.data, args.set)
+        command = grid_command(args)
+        try:
+            if not args.report_only:
+                train_grid(grid, selected(grid.arms, args.only))
+        finally:  # also after a stop: the page shows what has finished so far
+            print(f"wrote {write_results(grid, args.scale, command, args.results, args.img_dir)}")
+    except UserError as exc:
+        print(f"alignment_tax: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""scripts/alignment_tax.py at smoke scale: tax interpolation, fair continuation, the page."""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+
+from alignment_tax import SCALES, Grid  # noqa: E402
+from alignment_tax_report import tax_from, write_results  # noqa: E402
+
+from saeformer.analysis.curves import read_metrics  # noqa: E402
+from saeformer.train.trainer import Trainer  # noqa: E402
+
+
+def test_tax_is_interpolated_where_the_loss_crosses_the_dense_loss():
+    assert tax_from([(1.0, 5.0), (1.5, 4.0)], 4.5, complete=True) == "1.25×"
+    assert tax_from([(1.0, 4.0)], 4.5, complete=True) == "≤ 1.00×"
+    assert tax_from([(1.0, 5.0), (2.0, 4.9)], 4.5, complete=True) == "> 2.00×"
+    assert tax_from([(1.0, 5.0)], 4.5, complete=False) == "> 1.00× (running)"
+
+
+def test_a_longer_branch_equals_a_straight_run_of_its_length(tmp_path, data_dir):
+    grid = Grid(SCALES["smoke"], 10, tmp_path / "runs", data_dir)
+    arm = grid.arm("resid-naive")
+    grid.train_branch(arm, 0)  # stable to step 8, then decays to 10; seeds x1.25 at step 8
+    grid.train_branch(arm, 1)  # stable 8 → 10, then decays to 12
+    cfg = grid.run_config(arm)
+    cfg.train.steps, cfg.train.decay_fraction = 12, 2 / 12
+    straight = Trainer(cfg, tmp_path / "straight").run()
+    branch = grid.branch_dir(arm, 1.25)
+    assert json.loads((branch / "summary.json").read_text())["val_loss"] == straight["val_loss"]
+    losses = dict(read_metrics(tmp_path / "straight")["train/loss"])
+    for step, loss in read_metrics(branch)["train/loss"]:
+        assert losses[step] == loss, step
+    assert not (branch / "checkpoints").exists() or not any((branch / "checkpoints").iterdir())
+    assert (grid.branch_dir(arm, 1.0) / "checkpoints" / "step_10").is_dir()
+
+    page = write_results(grid, "smoke", "cmd", tmp_path / "docs" / "results.md", tmp_path / "img")
+    text = page.read_text()
+    assert "| resid-naive | resid | done | " in text and "| dense-s0 | – | not run |" in text
+    assert "![resid sites](../img/resid.png)" in text and (tmp_path / "img" / "resid.png").is_file()
