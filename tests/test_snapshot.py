@@ -2,6 +2,8 @@
 
 import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -19,7 +21,8 @@ from saeformer.analysis.snapshot import (
     write_snapshot,
 )
 from saeformer.model import BottleneckConfig, ModelConfig, Transformer
-from saeformer.train.config import RunConfig, SnapshotConfig, TrainConfig
+from saeformer.train.config import RunConfig, SnapshotConfig, TrainConfig, load_config
+from saeformer.train.trainer import Trainer
 
 
 def _random_code(n: int, width: int, k: int):
@@ -145,3 +148,29 @@ def test_a_failed_snapshot_leaves_nothing(tmp_path, tiny_model, monkeypatch):
     with pytest.raises(OSError):
         write_snapshot(tmp_path, model, cfg, step=5, tokens=0, probe=torch.randint(0, 97, (3, 13)))
     assert list((tmp_path / "snapshots").iterdir()) == []
+
+
+def test_fsdp_ranks_write_the_same_snapshot_as_one_process(tmp_path, data_dir):
+    from conftest import TINY_RUN
+
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY_RUN.format(data=data_dir))
+    sets = ["strategy.aux_coef=0", "strategy.rec_coef=0", "train.steps=6", "snapshot.every=3"]
+    args = [str(config), *(a for s in sets for a in ("--set", s))]
+    Trainer(load_config(config, sets), tmp_path / "one").run()
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+        + ["-m", "saeformer.cli", "train", *args, "--run-dir", str(tmp_path / "two")]
+        + ["--set", "train.parallel=fsdp"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert list_snapshots(tmp_path / "two") == list_snapshots(tmp_path / "one") == [3, 6]
+    for bid in ("resid.0", "mlp.1"):
+        one = load_snapshot(tmp_path / "one", 6, bid).tensors
+        two = load_snapshot(tmp_path / "two", 6, bid).tensors
+        assert torch.equal(one["top_positions"], two["top_positions"])
+        for name in ("decoder", "frequency", "top_values", "token_entropy"):
+            torch.testing.assert_close(two[name], one[name], rtol=1e-3, atol=1e-4, equal_nan=True)

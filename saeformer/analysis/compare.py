@@ -263,9 +263,14 @@ def compare(cfg: CompareConfig) -> list[dict[str, Any]]:
     cfg.validate()
     p = cfg.probe
     rows = []
+    probe_sets: dict[Path, ProbeSet] = {}  # tagged text per tokenizer, built once
+    loaded: tuple[str, Host] | None = None  # consecutive entries on one host share it
     for entry in tqdm(cfg.entry, desc="compare", unit="entry", disable=None):
         data = TokenData(entry.data)
-        host = load_host(entry.host, p.device)
+        if loaded is None or loaded[0] != repr(entry.host):
+            loaded = None  # free the previous host first
+            loaded = (repr(entry.host), load_host(entry.host, p.device))
+        host = loaded[1]
         hook, sae, splice = resolve(entry, host)
         special = special_token_ids(data.tokenizer_path)
         windows = fixed_windows(data.split("val"), p.context, p.windows)
@@ -274,11 +279,12 @@ def compare(cfg: CompareConfig) -> list[dict[str, Any]]:
         row.update(feature_entropy(codes, sae.width, p.top_m))
         row["stable_frac"] = stability(entry, sae, entry.host)
         if p.brown_windows > 0:
-            tok = Tokenizer.from_file(str(data.tokenizer_path))
-            probe_set = brown_probe_set(
-                p.brown, tok, data.vocab_size, p.context, p.brown_windows, p.brown_words_per_doc
-            )
-            row.update(probing(host, hook, sae, probe_set, p))
+            if data.tokenizer_path not in probe_sets:
+                tok = Tokenizer.from_file(str(data.tokenizer_path))
+                probe_sets[data.tokenizer_path] = brown_probe_set(
+                    p.brown, tok, data.vocab_size, p.context, p.brown_windows, p.brown_words_per_doc
+                )
+            row.update(probing(host, hook, sae, probe_sets[data.tokenizer_path], p))
         rows.append(row)
     return rows
 

@@ -45,6 +45,12 @@ class SiteEvolution:
     method: str
 
 
+def centred(decoder: np.ndarray) -> np.ndarray:
+    """Decoder rows minus their mean row: a direction all features share (large at mlp sites,
+    whose W_down columns have mean pairwise cosine ≈ 0.4) must not make features look alike."""
+    return decoder - decoder.mean(axis=0, keepdims=True)
+
+
 def from_then_on(mask: np.ndarray, steps: np.ndarray) -> np.ndarray:
     """Per column of mask [S, F]: the first step from which it stays True to the end, else -1."""
     trailing = np.cumprod(mask[::-1], axis=0).sum(axis=0)
@@ -114,13 +120,13 @@ class _Trajectories:
 def _collect(run_dir: Path, bid: str, steps: list[int], cfg: EvolveConfig) -> _Trajectories:
     """Stream the snapshots once, keeping two decoders in memory besides the final one."""
     final = load_snapshot(run_dir, steps[-1], bid)
-    final_dec = final.tensors["decoder"].float().numpy()
+    final_dec = centred(final.tensors["decoder"].float().numpy())
     width = len(final_dec)
     density, entropy, tokens, to_final, consecutive, splits, merges = [], [], [], [], [], [], []
     previous = own_previous = None
     for step in steps:
         snap = final if step == steps[-1] else load_snapshot(run_dir, step, bid)
-        dec = snap.tensors["decoder"].float().numpy()
+        dec = centred(snap.tensors["decoder"].float().numpy())
         if len(dec) != width:
             raise UserError(f"{bid}: snapshot of step {step} has {len(dec)} features, not {width}")
         density.append(snap.tensors["frequency"].numpy())

@@ -348,24 +348,49 @@ def snapshot_bytes(run_dir: Path, step: int) -> int:
 # ----- during training and after the fact ----------------------------------------------------
 
 
+def whole_model(model: Transformer) -> Transformer | None:
+    """A plain copy of an FSDP2-sharded model on rank 0 (None elsewhere); every rank must call.
+
+    The copy is built under a forked RNG, so snapshots leave training's random streams alone.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = get_model_state_dict(model, options=options)
+    if not state:
+        return None
+    with torch.random.fork_rng(devices=[]):
+        copy = Transformer(model.cfg)
+    copy.load_state_dict(state, strict=not model.cfg.tie_embeddings)
+    return copy.to(next(model.parameters()).device)
+
+
+def is_sharded(model: Transformer) -> bool:
+    """Whether the model's parameters are FSDP2 shards (DTensors)."""
+    return any(type(p).__name__ == "DTensor" for p in model.parameters())
+
+
 class SnapshotWriter:
     """Writes snapshots on the schedule of `cfg.snapshot` from inside the training loop.
 
-    Only one process writes (`enabled`: rank 0 of a data-parallel run, whose model is whole).
+    Every rank calls it (an FSDP2 model is gathered collectively); only `enabled` (rank 0) writes.
     """
 
     def __init__(
         self, cfg: RunConfig, run_dir: Path, data: TokenData, *, enabled: bool = True
     ) -> None:
         self.cfg, self.run_dir = cfg, run_dir
-        wanted = enabled and (cfg.snapshot.every > 0 or cfg.snapshot.log_spaced)
-        self.probe = ensure_probe(run_dir, cfg, data) if wanted else None
+        self.on = cfg.snapshot.every > 0 or cfg.snapshot.log_spaced
+        self.probe = ensure_probe(run_dir, cfg, data) if self.on and enabled else None
 
     def after_step(self, model: Transformer, step: int, tokens: int) -> Path | None:
         """Write the snapshot of `step` when one is due; return its folder."""
-        if self.probe is None or not snapshot_due(step, self.cfg):
+        if not self.on or not snapshot_due(step, self.cfg):
             return None
-        return write_snapshot(self.run_dir, model, self.cfg, step, tokens, self.probe)
+        whole = whole_model(model) if is_sharded(model) else model
+        if self.probe is None or whole is None:
+            return None
+        return write_snapshot(self.run_dir, whole, self.cfg, step, tokens, self.probe)
 
 
 def snapshot_checkpoint(run_dir: Path, step: int | None = None) -> Path:

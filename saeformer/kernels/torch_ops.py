@@ -47,22 +47,63 @@ def _combine(coeff: Tensor, idx: Tensor, rows: Tensor) -> Tensor:
     return nnf.embedding_bag(idx, rows.to(acc), per_sample_weights=coeff.to(acc), mode="sum")
 
 
+def _combine_nonzero(coeff: Tensor, idx: Tensor, rows: Tensor) -> Tensor:
+    """`_combine` without the slots whose coefficient is 0 (inactive or unused AuxK slots):
+    they add nothing, forward or backward, so no row is gathered or summed for them."""
+    keep = coeff != 0
+    if keep.all():
+        return _combine(coeff, idx, rows)
+    counts = keep.sum(1)
+    acc = _acc_dtype(coeff, rows)
+    return nnf.embedding_bag(
+        idx[keep],
+        rows.to(acc),
+        counts.cumsum(0) - counts,
+        per_sample_weights=coeff[keep].to(acc),
+        mode="sum",
+    )
+
+
+class _AuxColumns(NamedTuple):
+    """The dead latents AuxK selects from, and the live latent that pads unused slots."""
+
+    dead: Tensor
+    pad: int
+
+
+def _aux_columns(dead_mask: Tensor, k_aux: int) -> _AuxColumns:
+    """Dead latent indices; the pad is a live latent, needed only when fewer than k_aux die."""
+    dead = dead_mask.nonzero().squeeze(1)
+    pad = 0 if len(dead) >= k_aux else int((~dead_mask).nonzero()[0])
+    return _AuxColumns(dead, pad)
+
+
+def _select_aux(pre: Tensor, cols: _AuxColumns, k_aux: int) -> tuple[Tensor, Tensor]:
+    """Top-k_aux of pre over the dead columns only; unused slots hold -inf at the pad latent."""
+    n_sel = min(k_aux, len(cols.dead))
+    values = pre.new_full((pre.shape[0], k_aux), float("-inf"))
+    indices = torch.full(values.shape, cols.pad, dtype=torch.int64, device=pre.device)
+    if n_sel:
+        top = pre.index_select(1, cols.dead).topk(n_sel, dim=1)
+        values[:, :n_sel] = top.values
+        indices[:, :n_sel] = cols.dead[top.indices]
+    return values, indices
+
+
 def _select(
     h: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, dead_mask: Tensor | None, k_aux: int
 ) -> tuple[Tensor, Tensor]:
     """Top-k of h @ W_encᵀ + b_enc per row, then (k_aux > 0) the top-k_aux dead latents."""
-    live = None if k_aux == 0 or dead_mask is None else ~dead_mask
+    cols = None if k_aux == 0 or dead_mask is None else _aux_columns(dead_mask, k_aux)
     values, indices = [], []
     for s in _chunks(h.shape[0], W_enc.shape[0]):
         pre = nnf.linear(h[s], W_enc, b_enc)
         top = pre.topk(k, dim=1)
-        if live is None:
-            values.append(top.values)
-            indices.append(top.indices)
-            continue
-        aux = pre.masked_fill_(live, float("-inf")).topk(k_aux, dim=1)
-        values.append(torch.cat([top.values, aux.values], 1))
-        indices.append(torch.cat([top.indices, aux.indices], 1))
+        if cols is not None:
+            aux = _select_aux(pre, cols, k_aux)
+            top = tuple(torch.cat(pair, 1) for pair in zip(top, aux, strict=True))
+        values.append(top[0])
+        indices.append(top[1])
     return torch.cat(values), torch.cat(indices)
 
 
@@ -100,7 +141,7 @@ class _EncodeTopK(torch.autograd.Function):
             # product with h, so one embedding_bag forward and backward give both.
             with torch.enable_grad():
                 rows = W_enc.detach().requires_grad_(need_w)
-                combined = _combine(g, indices, rows)
+                combined = _combine_nonzero(g, indices, rows)
             if need_h:
                 grad_h = combined.detach().to(h.dtype)
             if need_w:

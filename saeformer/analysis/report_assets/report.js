@@ -219,8 +219,10 @@ function sparkline(label, values, steps, log) {
     line.setAttribute("points", pts.map((p) => `${sx(p[0]).toFixed(1)},${sy(p[1]).toFixed(1)}`).join(" "));
     svg.append(line);
   }
-  const last = values[values.length - 1];
-  return el("div", { class: "spark" }, el("div", { text: `${label}: ${fmt(last)}` }), svg);
+  const shown = values.filter((v) => v !== null);
+  const range = shown.length ? ` (range ${fmt(Math.min(...shown))} to ${fmt(Math.max(...shown))})` : "";
+  return el("div", { class: "spark" },
+    el("div", { text: `${label}: ${fmt(values[values.length - 1])}${range}` }), svg);
 }
 
 async function showFeature(id) {
@@ -261,7 +263,7 @@ async function showFeature(id) {
     el("h3", { text: "Over training" }),
     el("div", { class: "sparks" },
       sparkline("token entropy (bits)", c.trajectory.entropy, steps, false),
-      sparkline("log10 density", c.trajectory.density, steps, true),
+      sparkline("density (log scale)", c.trajectory.density, steps, true),
       sparkline("cosine to final", c.trajectory.cos_to_final, steps, false)),
     ...c.timeline.map((t) => el("div", { class: "timeline" },
       el("h4", { text: `step ${t.step}` + (t.feature !== id ? ` (as feature ${t.feature})` : "") }),
