@@ -25,7 +25,7 @@ from saeformer.errors import UserError
 from saeformer.model import Transformer
 from saeformer.train.config import RunConfig
 from saeformer.train.data import TokenData, fixed_windows
-from saeformer.train.schedules import alpha_at, k_at
+from saeformer.train.schedules import bottleneck_schedule
 
 FORMAT = "saeformer-snapshot/1"
 FEATURES_FILE = "features.safetensors"
@@ -48,14 +48,6 @@ class Snapshot:
 def snapshot_root(run_dir: Path) -> Path:
     """The folder that holds a run's probe set and snapshots."""
     return Path(run_dir) / "snapshots"
-
-
-def schedule_at(cfg: RunConfig, step: int) -> tuple[dict[str, float], dict[str, int]]:
-    """Per-bottleneck bypass α and k that training uses at `step`."""
-    s = cfg.strategy
-    alpha = {b.id: alpha_at(step, s) for b in cfg.model.bottleneck if b.site == "resid"}
-    ks = {b.id: k_at(step, b.k, b.width, s) for b in cfg.model.bottleneck}
-    return alpha, ks
 
 
 def snapshot_due(step: int, cfg: RunConfig) -> bool:
@@ -249,7 +241,7 @@ def write_snapshot(
 ) -> Path:
     """Snapshot every bottleneck of `model` at `step` into RUN/snapshots/step_<step>/."""
     started = time.perf_counter()
-    alpha, ks = schedule_at(cfg, step)
+    alpha, ks = bottleneck_schedule(cfg, step)
     batch = max(1, cfg.train.batch_size // cfg.train.grad_accum)
     ce, codes = probe_codes(model, probe, alpha, ks, batch)
     inputs = probe[:, :-1]

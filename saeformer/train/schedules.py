@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from saeformer.train.config import StrategyConfig, TrainConfig
+from saeformer.train.config import RunConfig, StrategyConfig, TrainConfig
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -42,3 +42,11 @@ def k_at(step: int, k_final: int, width: int, cfg: StrategyConfig) -> int:
         return k_final
     level = step * cfg.k_levels // cfg.k_anneal_steps
     return round(k_start * (k_final / k_start) ** (level / cfg.k_levels))
+
+
+def bottleneck_schedule(cfg: RunConfig, step: int) -> tuple[dict[str, float], dict[str, int]]:
+    """Per-bottleneck bypass α (resid sites) and k that training uses at `step`."""
+    s = cfg.strategy
+    alpha = {b.id: alpha_at(step, s) for b in cfg.model.bottleneck if b.site == "resid"}
+    ks = {b.id: k_at(step, b.k, b.width, s) for b in cfg.model.bottleneck}
+    return alpha, ks

@@ -46,7 +46,7 @@ from saeformer.train.distributed import (
 from saeformer.train.flops import bottleneck_flops_per_token, dense_flops_per_token, peak_flops
 from saeformer.train.optim import build_optimizer, clip_groups, set_lr
 from saeformer.train.parallelize import compute_context, parallelize
-from saeformer.train.schedules import alpha_at, bottleneck_lr_scale, k_at, lr_at
+from saeformer.train.schedules import bottleneck_lr_scale, bottleneck_schedule, lr_at
 from saeformer.train.strategy import (
     Distiller,
     normalize_decoders,
@@ -189,10 +189,7 @@ class Trainer:
 
     def schedule(self, step: int) -> tuple[dict[str, float], dict[str, int]]:
         """Per-bottleneck α and k at `step`."""
-        s = self.cfg.strategy
-        alpha = {bid: alpha_at(step, s) for bid in self.widths if bid.startswith("resid")}
-        ks = {bid: k_at(step, self.k_final[bid], self.widths[bid], s) for bid in self.widths}
-        return alpha, ks
+        return bottleneck_schedule(self.cfg, step)
 
     def _aux_requests(self) -> dict[str, AuxRequest]:
         s = self.cfg.strategy
