@@ -35,7 +35,7 @@ def test_matching_recovers_a_noisy_permutation(method):
     np.testing.assert_array_equal(match.target, expected)
     ua, ub = unit_rows(a), unit_rows(b)
     np.testing.assert_allclose(match.cosine, (ua * ub[expected]).sum(1), rtol=1e-5)
-    assert match.cosine.min() > 0.9
+    assert match.cosine.min() > 0.8  # noise 0.25 in 48 dims: mean cosine ≈ 0.97
 
 
 def test_sparse_matching_equals_hungarian_and_auto_picks_by_width():
