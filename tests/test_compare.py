@@ -115,6 +115,8 @@ def test_compare_prints_one_table_for_all_entries(tmp_path, data_dir, capsys):
     assert "| random control |" in table
     rows = {r["name"]: r for r in json.loads((tmp_path / "out.json").read_text())}
     assert rows["joint"]["stable_frac"] == 1.0  # a run matched with itself
+    assert rows["joint"]["match_cosine_median"] == pytest.approx(1.0)
+    assert "stable_frac" not in rows["post-hoc"]
     assert "ce_score" not in rows["joint"] and rows["joint"]["ce"] > 0
     assert math.isfinite(rows["post-hoc"]["ce_score"])
     assert rows["post-hoc"]["ce_clean"] != rows["random control"]["ce_clean"]

@@ -217,10 +217,11 @@ def feature_entropy(codes: Codes, width: int, m: int) -> dict[str, float]:
     return {"entropy_q1": q[0], "entropy_median": q[1], "entropy_q3": q[2]}
 
 
-def stability(entry: EntryConfig, sae: Bottleneck, host_cfg: HostConfig) -> float | None:
-    """Fraction of features whose match in the seed twin has decoder cosine ≥ 0.9."""
+def stability(entry: EntryConfig, sae: Bottleneck, host_cfg: HostConfig) -> dict[str, float]:
+    """Fraction of features whose match in the seed twin has decoder cosine ≥ 0.9, and the
+    median matched cosine (empty without a seed twin)."""
     if not entry.seed_twin:
-        return None
+        return {}
     if entry.bottleneck:
         twin_host = load_host(
             HostConfig(kind="saeformer", path=entry.seed_twin, dtype=host_cfg.dtype)
@@ -230,7 +231,11 @@ def stability(entry: EntryConfig, sae: Bottleneck, host_cfg: HostConfig) -> floa
         twin = load_sae(Path(entry.seed_twin), entry.k or None).sae
     a = sae.W_dec.detach().float().cpu().numpy()
     b = twin.W_dec.detach().float().cpu().numpy()
-    return float(np.mean(match_features(a, b).cosine >= STABLE_COSINE))
+    cosine = match_features(a, b).cosine
+    return {
+        "stable_frac": float(np.mean(cosine >= STABLE_COSINE)),
+        "match_cosine_median": float(np.nanmedian(cosine)),
+    }
 
 
 def probing(
@@ -277,7 +282,7 @@ def compare(cfg: CompareConfig) -> list[dict[str, Any]]:
         stats, codes = measure(host, hook, sae, splice, windows, special, p)
         row = {"name": entry.name, "hook": hook.name, "width": sae.width, "k": sae.k, **stats}
         row.update(feature_entropy(codes, sae.width, p.top_m))
-        row["stable_frac"] = stability(entry, sae, entry.host)
+        row.update(stability(entry, sae, entry.host))
         if p.brown_windows > 0:
             if data.tokenizer_path not in probe_sets:
                 tok = Tokenizer.from_file(str(data.tokenizer_path))
@@ -321,7 +326,8 @@ def markdown_tables(rows: list[dict[str, Any]], probe: ProbeConfig) -> str:
     )
     lines += [
         "",
-        f"| entry | token entropy (bits) q1 / median / q3 | stable ≥ {STABLE_COSINE} | {head} |",
+        f"| entry | token entropy (bits) q1 / median / q3 | stable ≥ {STABLE_COSINE} "
+        f"(median cos) | {head} |",
         "|---|---|---|" + "---|" * (4 * len(ks)),
     ]
     for r in rows:
@@ -331,6 +337,8 @@ def markdown_tables(rows: list[dict[str, Any]], probe: ProbeConfig) -> str:
             for prefix in ("pos:", "genre:", "token:", "control:")
             for k in ks
         )
-        stable = _fmt(r["stable_frac"], ".1%") if r["stable_frac"] is not None else "—"
+        stable = "—"
+        if "stable_frac" in r:
+            stable = f"{r['stable_frac']:.1%} ({r['match_cosine_median']:.2f})"
         lines.append(f"| {r['name']} | {entropy} | {stable} | {probes} |")
     return "\n".join(lines) + "\n"
