@@ -148,7 +148,7 @@ def machine(device: torch.device) -> str:
         ]
         cpu = names[0] if names else cpu
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    host = f"{cpu}, {cores} cores, {torch.get_num_threads()} torch threads"
+    host = f"{cpu}, {cores} cores, torch threads: {torch.get_num_threads()}"
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "no GPU used"
     return f"{gpu}; {host}; torch {torch.__version__}, {platform.system()} {platform.machine()}"
 
@@ -550,7 +550,8 @@ def main(argv: list[str] | None = None) -> int:
         summary = []
     header.append(f"load average (1 min) at end: {load_average()}")
     header += summary
-    section = f"bench_kernels-{device.type}-{args.mode}"
+    threads = f"-{args.threads}t" if args.threads else ""
+    section = f"bench_kernels-{device.type}-{args.mode}{threads}"
     record(
         None if args.no_doc else args.doc,
         "bench_kernels.py",

@@ -210,8 +210,8 @@ def verdicts(times: dict[str, list[float]], args: argparse.Namespace) -> list[st
     return out
 
 
-def profile(variants: dict[str, Variant], say: Report) -> None:
-    """The ops that take the most time in one step of each variant."""
+def profile(variants: dict[str, Variant]) -> None:
+    """Print the ops that take the most time in one step of each variant (not recorded)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -222,8 +222,8 @@ def profile(variants: dict[str, Variant], say: Report) -> None:
         with torch_profile(activities=activities) as prof:
             variant.step()
         sort = "self_cuda_time_total" if len(activities) > 1 else "self_cpu_time_total"
-        say(f"# profile: {name}")
-        say(prof.key_averages().table(sort_by=sort, row_limit=15, max_name_column_width=40))
+        print(f"# profile: {name}")
+        print(prof.key_averages().table(sort_by=sort, row_limit=15, max_name_column_width=40))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -245,27 +245,30 @@ def main(argv: list[str] | None = None) -> int:
             times = run_rounds(variants, args)
             for line in table(variants, times, args):
                 say(line)
-            header += [f"load average (1 min) at end: {load_average()}", *verdicts(times, args)]
-            for line in header[2:]:
+            results = [f"load average (1 min) at end: {load_average()}", *verdicts(times, args)]
+            for line in results:
                 tqdm.write(line)
             if args.profile:
-                profile(variants, say)
+                profile(variants)
     except UserError as err:
         print(f"bench_train: {err}", file=sys.stderr)
         return 1
     model = configs["bottleneck, AuxK on"].model
     sites = ", ".join(f"{b.id} F={b.width} k={b.k}" for b in model.bottleneck)
     title = f"Training step, bottleneck model vs dense twin ({device.type})"
-    header.insert(
-        1,
-        f"model: {model.n_layers} layers, d={model.d_model}, context "
-        f"{model.context}, batch {configs['dense twin'].train.batch_size}; {sites}",
-    )
+    header += [
+        f"model: {model.n_layers} layers, d={model.d_model}, context {model.context}, "
+        f"batch {configs['dense twin'].train.batch_size}; {sites}",
+        f"AuxK on: each resid site runs a second, detached encoder pass (dense matmul, top-k, "
+        f"top-{configs['bottleneck, AuxK on'].strategy.k_aux} over the dead latents) and an "
+        "AuxK decode",
+        *results,
+    ]
     record(
         None if args.no_doc else args.doc,
         "bench_train.py",
         argv,
-        f"bench_train-{device.type}",
+        f"bench_train-{device.type}" + (f"-{args.threads}t" if args.threads else ""),
         title,
         header,
         say.lines,

@@ -1,9 +1,10 @@
 """Torch-native kernels: the CPU implementation and the reference twin of the Triton kernels.
 
 Memory: no pass builds an N×F tensor. The encoder forward computes its pre-activations in
-blocks of rows of at most `_CHUNK_ELEMS` elements and keeps only the selected codes (N×k);
-the sparse products go through `embedding_bag`, whose forward and backward are fused
-gather-multiply-sum and segment-sum loops over the codes: extra memory is O(N·k + F·d).
+blocks of at most `_CHUNK_ROWS` rows and `_CHUNK_ELEMS` elements and keeps only the selected
+codes (N×k); the sparse products go through `embedding_bag`, whose forward and backward are
+fused gather-multiply-sum and segment-sum loops over the codes: extra memory is
+O(N·k + F·d) beyond one block.
 Ops take 2-D inputs (tokens flattened); the public wrappers in `saeformer.kernels` flatten.
 """
 
@@ -19,6 +20,9 @@ from torch.autograd.function import once_differentiable
 
 _CHUNK_ELEMS = 1 << 24
 """Largest block of encoder pre-activations [rows, F] held at once, in elements (64 MiB fp32)."""
+_CHUNK_ROWS = 1024
+"""Most rows per block: at small F, blocks of 1024 rows ran the linear + top-k in 1.20 dense
+matmuls against 1.41 for 4096 rows (F = 4096, d = 256, one thread)."""
 
 
 class EncodeResult(NamedTuple):
@@ -36,8 +40,8 @@ def _acc_dtype(*tensors: Tensor) -> torch.dtype:
 
 
 def _chunks(n: int, width: int) -> Iterator[slice]:
-    """Slices of at most `_CHUNK_ELEMS // width` rows covering range(n)."""
-    step = max(1, _CHUNK_ELEMS // max(1, width))
+    """Slices of at most `_CHUNK_ROWS` and `_CHUNK_ELEMS // width` rows covering range(n)."""
+    step = max(1, min(_CHUNK_ROWS, _CHUNK_ELEMS // max(1, width)))
     return (slice(start, start + step) for start in range(0, n, step))
 
 
@@ -84,7 +88,8 @@ def _select_aux(pre: Tensor, cols: _AuxColumns, k_aux: int) -> tuple[Tensor, Ten
     values = pre.new_full((pre.shape[0], k_aux), float("-inf"))
     indices = torch.full(values.shape, cols.pad, dtype=torch.int64, device=pre.device)
     if n_sel:
-        top = pre.index_select(1, cols.dead).topk(n_sel, dim=1)
+        # unsorted: 1.5x faster than sorted at k_aux = 256 of 2048 columns
+        top = pre.index_select(1, cols.dead).topk(n_sel, dim=1, sorted=False)
         values[:, :n_sel] = top.values
         indices[:, :n_sel] = cols.dead[top.indices]
     return values, indices
@@ -95,16 +100,22 @@ def _select(
 ) -> tuple[Tensor, Tensor]:
     """Top-k of h @ W_encᵀ + b_enc per row, then (k_aux > 0) the top-k_aux dead latents."""
     cols = None if k_aux == 0 or dead_mask is None else _aux_columns(dead_mask, k_aux)
-    values, indices = [], []
-    for s in _chunks(h.shape[0], W_enc.shape[0]):
-        pre = nnf.linear(h[s], W_enc, b_enc)
-        top = pre.topk(k, dim=1)
-        if cols is not None:
-            aux = _select_aux(pre, cols, k_aux)
-            top = tuple(torch.cat(pair, 1) for pair in zip(top, aux, strict=True))
-        values.append(top[0])
-        indices.append(top[1])
-    return torch.cat(values), torch.cat(indices)
+    parts = [
+        _select_block(nnf.linear(h[s], W_enc, b_enc), k, cols, k_aux)
+        for s in _chunks(h.shape[0], W_enc.shape[0])
+    ]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def _select_block(
+    pre: Tensor, k: int, cols: _AuxColumns | None, k_aux: int
+) -> tuple[Tensor, Tensor]:
+    """`_select` on one block of pre-activations, which is freed on return."""
+    top = pre.topk(k, dim=1, sorted=False)
+    if cols is None:
+        return top.values, top.indices
+    aux = _select_aux(pre, cols, k_aux)
+    return torch.cat([top.values, aux[0]], 1), torch.cat([top.indices, aux[1]], 1)
 
 
 class _EncodeTopK(torch.autograd.Function):
@@ -182,7 +193,7 @@ def encode_topk(
 ) -> EncodeResult:
     """Top-k of h @ W_encᵀ + b_enc, ReLU'd, plus the top-k_aux dead latents (h is [N, d]).
 
-    AuxK slots beyond the number of dead latents hold value 0 (zero grad) at arbitrary indices.
+    AuxK slots beyond the number of dead latents hold value 0 (zero grad) at a live latent.
     """
     values, indices = _EncodeTopK.apply(h, W_enc, b_enc, k, dead_mask, k_aux)
     if k_aux == 0 or dead_mask is None:
