@@ -343,7 +343,8 @@ def test_encode_topk_leading_dims(seed: int) -> None:
     h, W, b = (torch.randn(*s, generator=gen) for s in ((2, 3, 8), (20, 8), (20,)))
     dead = torch.arange(20) % 3 == 0
     res = kernels.encode_topk(h, W, b, 4, dead, 2)
-    flat = torch_ops.encode_topk(h.reshape(6, 8), W, b, 4, dead, 2)
+    values, indices = torch_ops.encode_topk(h.reshape(6, 8), W, b, 4, dead, 2)
+    flat = (values[:, :4], indices[:, :4], values[:, 4:], indices[:, 4:])
     for got, want in zip(res, flat, strict=True):
         assert got.shape == (2, 3, want.shape[-1]) and torch.equal(got.reshape(want.shape), want)
 

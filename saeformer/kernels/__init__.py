@@ -49,10 +49,14 @@ def encode_topk(
     if k_aux:
         _check_k(k_aux, W_enc.shape[0], "k_aux")
     lead = h.shape[:-1]
-    result = backend(h.device).encode_topk(
+    values, indices = backend(h.device).encode_topk(
         h.reshape(-1, h.shape[-1]), W_enc, b_enc, k, dead_mask, k_aux
     )
-    return EncodeResult(*(None if t is None else t.reshape(*lead, t.shape[-1]) for t in result))
+    slots = values.shape[-1]
+    values, indices = values.reshape(*lead, slots), indices.reshape(*lead, slots)
+    if k_aux == 0:
+        return EncodeResult(values, indices, None, None)
+    return EncodeResult(values[..., :k], indices[..., :k], values[..., k:], indices[..., k:])
 
 
 def _check_k(k: int, width: int, name: str) -> None:

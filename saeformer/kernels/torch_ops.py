@@ -184,18 +184,9 @@ def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
 
 
 def encode_topk(
-    h: Tensor,
-    W_enc: Tensor,
-    b_enc: Tensor,
-    k: int,
-    dead_mask: Tensor | None = None,
-    k_aux: int = 0,
-) -> EncodeResult:
-    """Top-k of h @ W_encᵀ + b_enc, ReLU'd, plus the top-k_aux dead latents (h is [N, d]).
-
-    AuxK slots beyond the number of dead latents hold value 0 (zero grad) at a live latent.
-    """
-    values, indices = _EncodeTopK.apply(h, W_enc, b_enc, k, dead_mask, k_aux)
-    if k_aux == 0 or dead_mask is None:
-        return EncodeResult(values, indices, None, None)
-    return EncodeResult(values[:, :k], indices[:, :k], values[:, k:], indices[:, k:])
+    h: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, dead_mask: Tensor | None, k_aux: int
+) -> tuple[Tensor, Tensor]:
+    """ReLU'd top-k of h @ W_encᵀ + b_enc (h [N, d]) and, side by side, the top-k_aux dead
+    latents: values and indices [N, k + k_aux]. AuxK slots beyond the number of dead latents
+    hold value 0 (zero grad)."""
+    return _EncodeTopK.apply(h, W_enc, b_enc, k, dead_mask, k_aux)
