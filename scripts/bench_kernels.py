@@ -401,14 +401,16 @@ def timed_ms(fn: Callable[[], object], device: torch.device) -> float:
 def interleaved_ms(
     fns: dict[str, Callable[[], object]], device: torch.device, args, bar: tqdm
 ) -> dict[str, float]:
-    """Median time of each fn, calling them in turn so that background load hits all alike."""
+    """Median time of each fn, calling them in turn (order rotated every round) so that
+    background load hits all alike."""
     for fn in fns.values():
         for _ in range(args.warmup):
             fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(args.repeats):
-        for name, fn in fns.items():
-            times[name].append(timed_ms(fn, device))
+    names = list(fns)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(args.repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            times[name].append(timed_ms(fns[name], device))
         bar.update(1)
     return {name: statistics.median(t) for name, t in times.items()}
 
@@ -449,7 +451,7 @@ def bench_layer(args: argparse.Namespace, device: torch.device, say: Report) -> 
     cases = [(dt, n, f, k) for dt in args.dtype for f in args.F for k in args.k for n in args.N]
     say(
         f"# d={args.d}; median of {args.repeats} interleaved calls; ratios within one case; "
-        "memory: peak above inputs and weights"
+        "memory: peak above inputs and weights; max rel diff: outputs and grads, torch vs dense"
     )
     say(
         "#     N      F   k dtype  torch ms  dense ms matmul ms  dense/torch  torch/mm  "

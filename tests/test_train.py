@@ -6,6 +6,7 @@ from safetensors.torch import load_file
 
 from saeformer import load_run
 from saeformer.analysis.curves import plot_curves, read_metrics
+from saeformer.analysis.snapshot import load_snapshot
 from saeformer.cli import main
 from saeformer.train.config import load_config
 from saeformer.train.trainer import Trainer
@@ -28,9 +29,10 @@ def test_fifty_steps_lower_the_validation_loss(tmp_path, config_file):
 
 
 def test_resume_continues_the_same_run_bit_for_bit(tmp_path, config_file):
-    straight = Trainer(load_config(config_file, ["train.steps=20"]), tmp_path / "a")
+    sets = ["train.steps=20", "snapshot.every=5"]
+    straight = Trainer(load_config(config_file, sets), tmp_path / "a")
     straight.run()
-    first = Trainer(load_config(config_file, ["train.steps=20"]), tmp_path / "b")
+    first = Trainer(load_config(config_file, sets), tmp_path / "b")
     for _ in range(13):
         first.train_step()
     first.save()
@@ -42,6 +44,15 @@ def test_resume_continues_the_same_run_bit_for_bit(tmp_path, config_file):
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
+    losses = [read_metrics(tmp_path / run)["train/loss"] for run in ("a", "b")]
+    assert [p for p in losses[0] if p[0] > 13] == losses[1]  # same losses after the resume
+    for step in (15, 20):  # and the same snapshots
+        for bid in ("resid.0", "mlp.1"):
+            snap_a = load_snapshot(tmp_path / "a", step, bid).tensors
+            snap_b = load_snapshot(tmp_path / "b", step, bid).tensors
+            assert snap_a.keys() == snap_b.keys()
+            for name, tensor in snap_a.items():  # NaN: entropy of a feature that never fired
+                torch.testing.assert_close(snap_b[name], tensor, rtol=0, atol=0, equal_nan=True)
 
 
 def test_cli_prepare_train_resume_and_load_run(tmp_path, config_file, capsys):
