@@ -137,3 +137,11 @@ def to_dict(config: Any) -> dict[str, Any]:
         return value
 
     return convert(dataclasses.asdict(config))
+
+
+def load_typed(cls: type[T], path: Path, overrides: list[str] | None = None) -> T:
+    """Read a TOML (or resolved JSON) config, apply `--set key=value` overrides, build `cls`."""
+    data = read_config_file(path)
+    for text in overrides or []:
+        apply_override(data, *parse_override(text))
+    return build(cls, data, where=str(path))

@@ -28,7 +28,7 @@ from saeformer.analysis.matching import match_features
 from saeformer.analysis.metrics import ce_loss_score, firing_counts, next_token_kl, token_entropy
 from saeformer.analysis.probing import ProbeSet, brown_probe_set, k_sparse_probe
 from saeformer.analysis.snapshot import top_activations
-from saeformer.configio import apply_override, build, parse_override, read_config_file
+from saeformer.configio import load_typed
 from saeformer.errors import UserError
 from saeformer.model import Bottleneck
 from saeformer.train.data import TokenData, fixed_windows
@@ -88,10 +88,7 @@ class CompareConfig:
 
 def load_compare_config(path: Path, overrides: list[str] | None = None) -> CompareConfig:
     """Read and validate a comparison config (TOML) with `--set` overrides."""
-    data: dict[str, Any] = read_config_file(path)
-    for text in overrides or []:
-        apply_override(data, *parse_override(text))
-    cfg = build(CompareConfig, data, where=str(path))
+    cfg = load_typed(CompareConfig, path, overrides)
     cfg.validate()
     return cfg
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-from saeformer.configio import apply_override, build, parse_override, read_config_file
+from saeformer.configio import load_typed
 from saeformer.errors import UserError
 from saeformer.model.config import ModelConfig
 
@@ -144,8 +144,5 @@ class RunConfig:
 
 
 def load_config(path: Path, overrides: list[str] | None = None) -> RunConfig:
-    """Read a TOML (or resolved JSON) run config, apply `--set key=value` overrides, build it."""
-    data: dict[str, Any] = read_config_file(path)
-    for text in overrides or []:
-        apply_override(data, *parse_override(text))
-    return build(RunConfig, data, where=str(path))
+    """Read a TOML (or resolved JSON) run config with `--set key=value` overrides (unvalidated)."""
+    return load_typed(RunConfig, path, overrides)

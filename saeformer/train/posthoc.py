@@ -22,7 +22,7 @@ from saeformer.analysis.formats import export_saelens
 from saeformer.analysis.hooks import HookPoint, Host, HostConfig, load_host
 from saeformer.analysis.metrics import dead_fraction, fvu, l0
 from saeformer.atomic import write_json
-from saeformer.configio import apply_override, build, parse_override, read_config_file, to_dict
+from saeformer.configio import load_typed, to_dict
 from saeformer.errors import UserError
 from saeformer.model import AuxRequest, Bottleneck
 from saeformer.train.checkpoint import (
@@ -123,10 +123,7 @@ class PosthocConfig:
 
 def load_posthoc_config(path: Path, overrides: list[str] | None = None) -> PosthocConfig:
     """Read a post-hoc TOML (or resolved JSON) config with `--set` overrides, and validate it."""
-    data: dict[str, Any] = read_config_file(path)
-    for text in overrides or []:
-        apply_override(data, *parse_override(text))
-    cfg = build(PosthocConfig, data, where=str(path))
+    cfg = load_typed(PosthocConfig, path, overrides)
     cfg.validate()
     return cfg
 
