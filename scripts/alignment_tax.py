@@ -41,13 +41,14 @@ from saeformer.model.config import ModelConfig
 from saeformer.train.checkpoint import latest_checkpoint, list_checkpoints
 from saeformer.train.config import RunConfig, load_config
 from saeformer.train.data import TokenData
+from saeformer.train.prepare import PrepareConfig, prepare_corpus
 from saeformer.train.trainer import Trainer
 
 SEEDS = (0, 1)  # the dense twin and the combined recipe run with both
 SITES = ("resid", "mlp")
 TAX_MULTIPLES = (1.0, 1.25, 1.5, 2.0, 3.0)  # branch budgets, in units of the dense budget
 DECAY_FRACTION = 0.2  # of the dense budget: every run ends with a linear decay this long
-DATA = Path("data/prepared/bundled")  # `saeformer prepare --out data/prepared/bundled`
+TAX_KINDS = ("naive", "combined")  # arms continued past the budget unless --tax-all
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class Scale:
     dead_tokens: int  # a feature is dead after this many tokens without firing
     k_aux: int
     widths: tuple[int, ...]  # d_model values the width search tries, smallest first
+    vocab_size: int  # of the BPE tokenizer trained on the bundled corpus (see default_data)
     note: str
 
 
@@ -73,19 +75,22 @@ SCALES = {
         dead_tokens=2_000,
         k_aux=32,
         widths=(40, 48),
+        vocab_size=512,
         note="a pipeline check only: nothing in it measures the strategies",
     ),
     "cpu": Scale(
-        model={"n_layers": 4, "d_model": 128, "n_heads": 4, "d_ff": 512, "context": 128},
-        sites={"resid": [(1, 2048, 32), (2, 2048, 32)], "mlp": [(1, 512, 32), (2, 512, 32)]},
-        train={"batch_size": 32, "lr": 2e-3, "eval_batches": 8},
-        budget_steps=1200,
+        model={"n_layers": 4, "d_model": 96, "n_heads": 4, "d_ff": 384, "context": 128},
+        sites={"resid": [(1, 1536, 32), (2, 1536, 32)], "mlp": [(1, 384, 32), (2, 384, 32)]},
+        train={"batch_size": 32, "lr": 3e-3, "eval_batches": 8, "threads": 2},
+        budget_steps=600,
         dead_tokens=200_000,
         k_aux=128,
-        widths=(144, 160, 192),
+        widths=(112, 128, 160),
+        vocab_size=4096,
         note=(
-            "a smaller model than the demo's, trained for about one epoch of the bundled "
-            "corpus, so that the dense twin's loss has room to flatten on 2 CPU cores"
+            "a smaller model than the demo's (vocabulary 4096) trained on 0.4 epochs of the "
+            "bundled corpus: small enough that its loss flattens and the whole grid fits in a "
+            "few hours on 2 CPU cores (15k tokens/s for the dense twin)"
         ),
     ),
     "gpu": Scale(
@@ -96,6 +101,7 @@ SCALES = {
         dead_tokens=10_000_000,
         k_aux=512,
         widths=(864, 960, 1152),
+        vocab_size=50304,
         note="GPT-2 small; needs a corpus far larger than the bundled one (--data)",
     ),
 }
@@ -159,9 +165,16 @@ class Grid:
     """The runs of one scale and budget under one output folder, and how to train them."""
 
     def __init__(
-        self, scale: Scale, n: int, out: Path, data: Path, sets: list[str] | None = None
+        self,
+        scale: Scale,
+        n: int,
+        out: Path,
+        data: Path,
+        sets: list[str] | None = None,
+        tax_all: bool = False,
     ) -> None:
         self.scale, self.n, self.out, self.data, self.sets = scale, n, out, data, sets or []
+        self.tax_kinds = ("naive", "strategy", "combined") if tax_all else TAX_KINDS
         self.vocab_size = TokenData(data).vocab_size
         self.decay = max(1, round(DECAY_FRACTION * n))
         if n - self.decay < 1:
@@ -208,8 +221,10 @@ class Grid:
         off = {"unit_norm_decoder": False, "dead_tokens": self.scale.dead_tokens}
         teacher = (self.out / "dense-s0" / branch_name(1.0)).resolve()
         for site in SITES:
-            model, tax = self.site_model(site), TAX_MULTIPLES
-            arms.append(Arm(f"{site}-naive", "naive", site, model, off, multiples=tax))
+            model = self.site_model(site)
+            arms.append(
+                Arm(f"{site}-naive", "naive", site, model, off, multiples=self.tax("naive"))
+            )
             alone = {
                 name: values
                 for name, (where, values) in strategies(self.scale, self.n, teacher).items()
@@ -217,14 +232,35 @@ class Grid:
             }
             for name, values in alone.items():
                 arms.append(
-                    Arm(f"{site}-{name}", "strategy", site, model, {**off, **values}, multiples=tax)
+                    Arm(
+                        f"{site}-{name}",
+                        "strategy",
+                        site,
+                        model,
+                        {**off, **values},
+                        multiples=self.tax("strategy"),
+                    )
                 )
             combined = {**off, **{key: v for values in alone.values() for key, v in values.items()}}
             for s in SEEDS:
-                arms.append(Arm(f"{site}-combined-s{s}", "combined", site, model, combined, s, tax))
+                arms.append(
+                    Arm(
+                        f"{site}-combined-s{s}",
+                        "combined",
+                        site,
+                        model,
+                        combined,
+                        s,
+                        self.tax("combined"),
+                    )
+                )
             for d in self.scale.widths:
                 arms.append(Arm(f"{site}-combined-d{d}", "width", site, widen(model, d), combined))
         return arms
+
+    def tax(self, kind: str) -> tuple[float, ...]:
+        """Branch budgets of an arm of this kind: continued past the budget, or not."""
+        return TAX_MULTIPLES if kind in self.tax_kinds else (1.0,)
 
     # ----- layout -------------------------------------------------------------------------
 
@@ -351,6 +387,15 @@ def add_wall_time(run_dir: Path, seconds: float) -> None:
     write_json(path, {"seconds": before + seconds})
 
 
+def default_data(scale: Scale) -> Path:
+    """The bundled corpus tokenized at the scale's vocabulary (prepared once, on first use)."""
+    out = Path(f"data/prepared/bundled-v{scale.vocab_size}")
+    if not (out / "meta.json").is_file():
+        tqdm.write(f"preparing the bundled corpus at vocabulary {scale.vocab_size} in {out}")
+        prepare_corpus(PrepareConfig(out_dir=out, vocab_size=scale.vocab_size))
+    return out
+
+
 def selected(arms: list[Arm], only: str | None) -> list[Arm]:
     """The arms whose names match one of the comma-separated patterns of --only (all without)."""
     if not only:
@@ -361,7 +406,8 @@ def selected(arms: list[Arm], only: str | None) -> list[Arm]:
 
 def train_grid(grid: Grid, arms: list[Arm]) -> None:
     """Budget runs first (dense twins before the rest), then the tax branches, then widths."""
-    budget = [a for a in arms if a.kind != "width"]
+    order = ("dense", "naive", "combined", "strategy", "wide")  # the headline numbers first
+    budget = sorted((a for a in arms if a.kind != "width"), key=lambda a: order.index(a.kind))
     branches = [(a, i) for a in budget for i in range(1, len(a.multiples))]
     widths = [a for a in arms if a.kind == "width"]
     bar = tqdm(total=len(budget) + len(branches) + len(widths), desc="grid", unit="run")
@@ -406,7 +452,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--scale", choices=SCALES, default="cpu", help="grid size (default cpu)")
     p.add_argument("--budget-steps", type=int, help="the dense budget N in steps (scale default)")
     p.add_argument("--only", help="train only arms matching these comma-separated patterns")
-    p.add_argument("--data", type=Path, default=DATA, help=f"token shards (default {DATA})")
+    p.add_argument(
+        "--data",
+        type=Path,
+        help="token shards (default: the bundled corpus, prepared at the scale's vocabulary "
+        "into data/prepared/bundled-vVOCAB on first use)",
+    )
+    p.add_argument(
+        "--tax-all",
+        action="store_true",
+        help="continue every bottleneck arm past the budget (default: naive and combined only)",
+    )
     p.add_argument("--out", type=Path, help="run folders (default runs/alignment_tax/SCALE)")
     p.add_argument("--results", type=Path, default=Path("docs/results.md"), help="the page")
     p.add_argument("--img-dir", type=Path, default=Path("docs/img/results"), help="its plots")
@@ -426,8 +482,10 @@ def grid_command(args: argparse.Namespace) -> str:
     parts = ["python scripts/alignment_tax.py", f"--scale {args.scale}"]
     if args.budget_steps:
         parts.append(f"--budget-steps {args.budget_steps}")
-    if args.data != DATA:
+    if args.data:
         parts.append(f"--data {args.data}")
+    if args.tax_all:
+        parts.append("--tax-all")
     if args.out:
         parts.append(f"--out {args.out}")
     return " ".join(parts + [f"--set {text}" for text in args.set])
@@ -442,7 +500,8 @@ def main(argv: list[str] | None = None) -> int:
     n = args.budget_steps or scale.budget_steps
     out = args.out or Path("runs/alignment_tax") / args.scale
     try:
-        grid = Grid(scale, n, out, args.data, args.set)
+        data = args.data or default_data(scale)
+        grid = Grid(scale, n, out, data, args.set, args.tax_all)
         command = grid_command(args)
         try:
             if not args.report_only:

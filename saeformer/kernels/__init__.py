@@ -1,14 +1,15 @@
-"""Differentiable sparse kernels for TopK bottlenecks, dispatched by device (see `dispatch`).
+"""Differentiable sparse kernels for TopK bottlenecks: custom ops (`ops`) whose backend is
+picked by device (`dispatch`).
 
-Inputs may carry leading batch dims: they are flattened to 2-D here, so backends see
-[N, ...] only. Arguments are validated here; backends assume valid input.
+Inputs may carry leading batch dims: they are flattened to 2-D here, so ops see [N, ...] only.
+Arguments are validated here; ops and backends assume valid input.
 """
 
 from __future__ import annotations
 
 from torch import Tensor
 
-from saeformer.kernels.dispatch import backend
+from saeformer.kernels import ops
 from saeformer.kernels.torch_ops import EncodeResult
 
 __all__ = ["EncodeResult", "encode_topk", "sparse_decode", "topk"]
@@ -20,13 +21,15 @@ def topk(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
     Order within a row is backend-defined; the grad of pre is scattered to the selected slots.
     """
     _check_k(k, pre.shape[-1], "k")
-    return backend(pre.device).topk(pre, k)
+    values, indices = ops.topk(pre.reshape(-1, pre.shape[-1]), k)
+    lead = pre.shape[:-1]
+    return values.reshape(*lead, k), indices.reshape(*lead, k)
 
 
 def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
     """out[..., :] = Σ_j values[..., j] · W_dec[indices[..., j]] for W_dec [F, d]: [..., d]."""
     k = values.shape[-1]
-    out = backend(values.device).sparse_decode(values.reshape(-1, k), indices.reshape(-1, k), W_dec)
+    out = ops.sparse_decode(values.reshape(-1, k), indices.reshape(-1, k), W_dec)
     return out.reshape(*values.shape[:-1], W_dec.shape[1])
 
 
@@ -49,9 +52,7 @@ def encode_topk(
     if k_aux:
         _check_k(k_aux, W_enc.shape[0], "k_aux")
     lead = h.shape[:-1]
-    values, indices = backend(h.device).encode_topk(
-        h.reshape(-1, h.shape[-1]), W_enc, b_enc, k, dead_mask, k_aux
-    )
+    values, indices = ops.encode_topk(h.reshape(-1, h.shape[-1]), W_enc, b_enc, k, dead_mask, k_aux)
     slots = values.shape[-1]
     values, indices = values.reshape(*lead, slots), indices.reshape(*lead, slots)
     if k_aux == 0:

@@ -1,22 +1,21 @@
 """Torch-native kernels: the CPU implementation and the reference twin of the Triton kernels.
 
-Memory: no pass builds an N×F tensor. The encoder forward computes its pre-activations in
-blocks of at most `_CHUNK_ROWS` rows and `_CHUNK_ELEMS` elements and keeps only the selected
-codes (N×k); the sparse products go through `embedding_bag`, whose forward and backward are
-fused gather-multiply-sum and segment-sum loops over the codes: extra memory is
-O(N·k + F·d) beyond one block.
-Ops take 2-D inputs (tokens flattened); the public wrappers in `saeformer.kernels` flatten.
+Forward and backward primitives on 2-D inputs; autograd lives in `ops`. Memory: no pass
+builds an N×F tensor. The encoder forward computes its pre-activations in blocks of at most
+`_CHUNK_ROWS` rows and `_CHUNK_ELEMS` elements and keeps only the selected codes (N×k); the
+sparse products are `embedding_bag` calls (fused gather-multiply-sum; the segment sums bag the
+slots sorted by latent) and gather-dots in bounded blocks: extra memory is O(N·k + F·d)
+beyond one block.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as nnf
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 _CHUNK_ELEMS = 1 << 24
 """Largest block of encoder pre-activations [rows, F] held at once, in elements (64 MiB fp32)."""
@@ -65,6 +64,43 @@ def _combine_nonzero(coeff: Tensor, idx: Tensor, rows: Tensor) -> Tensor:
         counts.cumsum(0) - counts,
         per_sample_weights=coeff[keep].to(acc),
         mode="sum",
+    )
+
+
+def _gather_dot(grad_out: Tensor, idx: Tensor, rows: Tensor) -> Tensor:
+    """out[n, j] = grad_out[n] · rows[idx[n, j]]: [N, k], by `embedding_bag`'s fused
+    per-sample-weights backward (nothing of size N·k·d is gathered)."""
+    n, k = idx.shape
+    acc = _acc_dtype(grad_out, rows)
+    bags = torch.arange(n, device=idx.device)
+    out = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+        grad_out.to(acc).contiguous(),
+        rows.to(acc).contiguous(),
+        idx.reshape(-1).contiguous(),
+        bags * k,
+        bags.repeat_interleave(k),
+        0,
+    )
+    return out.reshape(n, k)
+
+
+def _segment_sum(coeff: Tensor, idx: Tensor, inputs: Tensor, num_rows: int) -> Tensor:
+    """out[f] = Σ over slots (n, j) with idx[n, j] = f of coeff[n, j] · inputs[n]: [F, d], by
+    `embedding_bag`'s fused weight backward over the non-zero slots."""
+    keep = coeff != 0
+    counts = keep.sum(1)
+    bag_of_slot = torch.arange(len(counts), device=idx.device).repeat_interleave(counts)
+    acc = _acc_dtype(coeff, inputs)
+    return torch.ops.aten._embedding_bag_dense_backward(
+        inputs.to(acc),
+        idx[keep],
+        bag_of_slot,
+        counts,
+        counts,
+        num_rows,
+        False,
+        0,
+        coeff[keep].to(acc),
     )
 
 
@@ -118,56 +154,6 @@ def _select_block(
     return torch.cat([top.values, aux[0]], 1), torch.cat([top.indices, aux[1]], 1)
 
 
-class _EncodeTopK(torch.autograd.Function):
-    """ReLU(top-k(h @ W_encᵀ + b_enc)), active and AuxK slots side by side, sparse backward."""
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        h: Tensor,
-        W_enc: Tensor,
-        b_enc: Tensor,
-        k: int,
-        dead_mask: Tensor | None,
-        k_aux: int,
-    ) -> tuple[Tensor, Tensor]:
-        pre_sel, indices = _select(h, W_enc, b_enc, k, dead_mask, k_aux)
-        values = torch.relu(pre_sel)
-        ctx.save_for_backward(h, W_enc, indices, values)
-        ctx.b_dtype = b_enc.dtype
-        ctx.mark_non_differentiable(indices)
-        return values, indices
-
-    @staticmethod
-    @once_differentiable
-    def backward(
-        ctx: Any, grad_values: Tensor, _grad_indices: Tensor | None
-    ) -> tuple[Tensor | None, ...]:
-        h, W_enc, indices, values = ctx.saved_tensors
-        g = torch.where(values > 0, grad_values, 0)  # sparse grad of pre, [N, k + k_aux]
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_h = grad_w = grad_b = None
-        if need_h or need_w:
-            # grad h = Σ_j g[:, j] · W_enc[indices[:, j]]; grad W_enc is the vjp of that same
-            # product with h, so one embedding_bag forward and backward give both.
-            with torch.enable_grad():
-                rows = W_enc.detach().requires_grad_(need_w)
-                combined = _combine_nonzero(g, indices, rows)
-            if need_h:
-                grad_h = combined.detach().to(h.dtype)
-            if need_w:
-                (grad_w,) = torch.autograd.grad(combined, rows, h.to(combined.dtype))
-                grad_w = grad_w.to(W_enc.dtype)
-        if need_b:
-            acc = _acc_dtype(g)
-            grad_b = (
-                g.new_zeros(W_enc.shape[0], dtype=acc)
-                .index_add_(0, indices.reshape(-1), g.reshape(-1).to(acc))
-                .to(ctx.b_dtype)
-            )
-        return grad_h, grad_w, grad_b, None, None, None
-
-
 def topk(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Row-wise top-k over the last dim: raw values (descending) and int64 indices."""
     values, indices = torch.topk(pre, k, dim=-1)
@@ -175,12 +161,24 @@ def topk(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 
 def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
-    """out[n] = Σ_j values[n, j] · W_dec[indices[n, j]] for 2-D values, indices [N, k].
-
-    Autograd through `embedding_bag` gives the sparse backward: grad values as gathered dot
-    products, grad W_dec as a segment sum over the indices.
-    """
+    """out[n] = Σ_j values[n, j] · W_dec[indices[n, j]] for 2-D values, indices [N, k]."""
     return _combine(values, indices, W_dec).to(torch.promote_types(values.dtype, W_dec.dtype))
+
+
+def sparse_decode_backward(
+    grad_out: Tensor,
+    values: Tensor,
+    indices: Tensor,
+    W_dec: Tensor,
+    need_values: bool,
+    need_w: bool,
+) -> tuple[Tensor | None, Tensor | None]:
+    """Grads of values (gathered dot products) and W_dec (a segment sum over the indices)."""
+    grad_values = _gather_dot(grad_out, indices, W_dec).to(values.dtype) if need_values else None
+    grad_w = None
+    if need_w:
+        grad_w = _segment_sum(values, indices, grad_out, W_dec.shape[0]).to(W_dec.dtype)
+    return grad_values, grad_w
 
 
 def encode_topk(
@@ -188,5 +186,28 @@ def encode_topk(
 ) -> tuple[Tensor, Tensor]:
     """ReLU'd top-k of h @ W_encᵀ + b_enc (h [N, d]) and, side by side, the top-k_aux dead
     latents: values and indices [N, k + k_aux]. AuxK slots beyond the number of dead latents
-    hold value 0 (zero grad)."""
-    return _EncodeTopK.apply(h, W_enc, b_enc, k, dead_mask, k_aux)
+    hold value 0."""
+    pre_sel, indices = _select(h, W_enc, b_enc, k, dead_mask, k_aux)
+    return torch.relu(pre_sel), indices
+
+
+def encode_topk_backward(
+    grad_pre: Tensor,
+    h: Tensor,
+    W_enc: Tensor,
+    indices: Tensor,
+    need_h: bool,
+    need_w: bool,
+    need_b: bool,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Grads of h, W_enc and b_enc (in the accumulation dtype) from grad_pre [N, k + k_aux]."""
+    grad_h = _combine_nonzero(grad_pre, indices, W_enc).to(h.dtype) if need_h else None
+    grad_w = grad_b = None
+    if need_w:
+        grad_w = _segment_sum(grad_pre, indices, h, W_enc.shape[0]).to(W_enc.dtype)
+    if need_b:
+        acc = _acc_dtype(grad_pre)
+        grad_b = grad_pre.new_zeros(W_enc.shape[0], dtype=acc).index_add_(
+            0, indices.reshape(-1), grad_pre.reshape(-1).to(acc)
+        )
+    return grad_h, grad_w, grad_b
