@@ -248,7 +248,8 @@ def _report(args: argparse.Namespace) -> None:
     from saeformer.analysis.report import ReportConfig, build_report, folder_bytes
 
     page = build_report(
-        args.run_dir, ReportConfig(out=args.out, cards=args.cards, all_cards=args.all)
+        args.run_dir,
+        ReportConfig(out=args.out, cards=args.cards, all_cards=args.all, compare=args.compare),
     )
     print(
         f"wrote {page} ({folder_bytes(page.parent) / 1e6:.2f} MB); "
@@ -371,6 +372,13 @@ def _add_feature_commands(sub: argparse._SubParsersAction) -> None:
         "--cards", type=int, default=100, help="full cards per bottleneck, densest first"
     )
     p.add_argument("--all", action="store_true", help="a full card for every feature")
+    p.add_argument(
+        "--compare",
+        type=Path,
+        default=None,
+        metavar="ROWS.json",
+        help="add the tables of `saeformer compare --json ROWS.json` as a section",
+    )
     p.set_defaults(func=_report)
 
     p = sub.add_parser(

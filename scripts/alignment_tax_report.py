@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -74,8 +75,9 @@ def _per_site(summary: dict[str, Any], key: str, spec: str) -> str:
 
 
 def _tokens_per_s(run_dir: Path) -> float | None:
+    """Median logged rate: a run that shared the machine for a while keeps its typical speed."""
     points = read_metrics(run_dir).get("train/tokens_per_s", [])
-    return sum(v for _, v in points) / len(points) if points else None
+    return statistics.median(v for _, v in points) if points else None
 
 
 def _penalty(loss: float | None, reference: float | None) -> str:

@@ -84,8 +84,47 @@ def run(tmp_path_factory) -> Path:
     prepare_corpus(PrepareConfig(out_dir=data, sources=[str(root / "corpus.txt")], vocab_size=400))
     (root / "tiny.toml").write_text(CONFIG.format(data=data))
     Trainer(load_config(root / "tiny.toml"), root / "run").run()
-    assert main(["report", str(root / "run"), "--all"]) == 0
+    (root / "rows.json").write_text(json.dumps(COMPARE_ROWS))
+    assert main(["report", str(root / "run"), "--all", "--compare", str(root / "rows.json")]) == 0
     return root / "run"
+
+
+COMPARE_ROWS = [  # as `saeformer compare --json` writes them
+    {"name": f"joint {SCRIPT}", "hook": "layers.0.output", "width": 48, "k": 6, "fvu": 1.25,
+     "l0": 6.0, "dead_frac": 0.125, "ce": 3.5, "pos:noun@k=1": 0.75, "pos:verb@k=1": 0.5},
+    {"name": "post-hoc", "hook": "layers.0.output", "width": 64, "k": 6, "fvu": 0.0625,
+     "l0": 5.5, "dead_frac": 0.0, "ce_clean": 3.0, "ce_spliced": 3.25, "ce_score": 0.875,
+     "kl": 0.03125, "stable_frac": 0.5, "match_cosine_median": 0.875},
+]  # fmt: skip
+
+
+def test_report_shows_the_comparison_tables(run, tmp_path, capsys):
+    section = _data(run / "report" / "data" / "run.js")["compare"]
+    recon, quality = section["tables"]
+    assert recon["header"][:5] == ["entry", "hook", "F", "k", "FVU"]
+    assert recon["rows"][0] == [
+        f"joint {SCRIPT}", "layers.0.output", "48", "6", "1.250", "6.0", "12.5", "—", "3.500",
+        "—", "—",
+    ]  # fmt: skip
+    assert recon["rows"][1][7:] == ["3.000", "3.250", "0.875", "0.0312"]
+    assert quality["header"][3] == "POS k=1" and quality["rows"][0][3] == "0.625"  # mean of 2
+    assert quality["rows"][1][2] == "50.0% (0.88)"
+    (tmp_path / "bad.json").write_text('{"rows": 1}')
+    assert (
+        main(
+            [
+                "report",
+                str(run),
+                "--out",
+                str(tmp_path / "r"),
+                "--compare",
+                str(tmp_path / "bad.json"),
+            ]
+        )
+        == 2
+    )
+    assert "not the output of `saeformer compare --json`" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
 
 
 def _data(path: Path):
@@ -230,6 +269,7 @@ def test_headless_browser_loads_the_report_without_errors(run, tmp_path):
     text = html.unescape("".join(parsed.text))
     assert f"Feature {feature}" in text or f"Neuron {feature}" in text
     assert "Token Entropy" in text and "Top activations on the probe set" in text
+    assert "Joint bottlenecks vs post-hoc SAEs" in text and f"joint {SCRIPT}" in text
     assert SCRIPT in text  # shown as text ...
     assert "alert" not in "".join(parsed.inline)  # ... and never as a script
     assert all(src and not src.startswith("http") for src in parsed.scripts)

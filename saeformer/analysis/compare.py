@@ -10,6 +10,7 @@ are excluded from every metric and are never spliced.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -303,39 +304,68 @@ def _mean(row: dict[str, Any], prefix: str, k: int) -> float | None:
     return sum(found) / len(found) if found else None
 
 
-def markdown_tables(rows: list[dict[str, Any]], probe: ProbeConfig) -> str:
-    """Two markdown tables: reconstruction and splicing; then feature quality and probing."""
-    lines = [
-        "| entry | hook | F | k | FVU | L0 | dead % | CE clean | CE with SAE | CE score | KL |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        ce_with = r.get("ce_spliced", r.get("ce"))
-        lines.append(
-            f"| {r['name']} | {r['hook']} | {r['width']} | {r['k']} | {_fmt(r['fvu'], '.3f')} "
-            f"| {_fmt(r['l0'], '.1f')} | {_fmt(100 * r['dead_frac'], '.1f')} "
-            f"| {_fmt(r.get('ce_clean'), '.3f')} | {_fmt(ce_with, '.3f')} "
-            f"| {_fmt(r.get('ce_score'), '.3f')} | {_fmt(r.get('kl'), '.4f')} |"
-        )
-    ks = probe.probe_k
-    head = " | ".join(
-        f"{name} k={k}" for name in ("POS", "genre", "token form", "control") for k in ks
-    )
-    lines += [
-        "",
-        f"| entry | token entropy (bits) q1 / median / q3 | stable ≥ {STABLE_COSINE} "
-        f"(median cos) | {head} |",
-        "|---|---|---|" + "---|" * (4 * len(ks)),
-    ]
+Table = tuple[list[str], list[list[str]]]  # header, rows of formatted cells
+
+
+def comparison_tables(rows: list[dict[str, Any]], probe_k: list[int]) -> list[Table]:
+    """Two tables: reconstruction and splicing; then feature quality and probing."""
+    recon = [
+        [
+            r["name"], r["hook"], str(r["width"]), str(r["k"]), _fmt(r["fvu"], ".3f"),
+            _fmt(r["l0"], ".1f"), _fmt(100 * r["dead_frac"], ".1f"),
+            _fmt(r.get("ce_clean"), ".3f"), _fmt(r.get("ce_spliced", r.get("ce")), ".3f"),
+            _fmt(r.get("ce_score"), ".3f"), _fmt(r.get("kl"), ".4f"),
+        ]
+        for r in rows
+    ]  # fmt: skip
+    probes = [(name, k) for name in ("POS", "genre", "token form", "control") for k in probe_k]
+    prefixes = {"POS": "pos:", "genre": "genre:", "token form": "token:", "control": "control:"}
+    quality = []
     for r in rows:
         entropy = " / ".join(_fmt(r.get(f"entropy_{q}"), ".2f") for q in ("q1", "median", "q3"))
-        probes = " | ".join(
-            _fmt(_mean(r, prefix, k), ".3f")
-            for prefix in ("pos:", "genre:", "token:", "control:")
-            for k in ks
-        )
         stable = "—"
         if "stable_frac" in r:
             stable = f"{r['stable_frac']:.1%} ({r['match_cosine_median']:.2f})"
-        lines.append(f"| {r['name']} | {entropy} | {stable} | {probes} |")
-    return "\n".join(lines) + "\n"
+        cells = [_fmt(_mean(r, prefixes[name], k), ".3f") for name, k in probes]
+        quality.append([r["name"], entropy, stable, *cells])
+    return [
+        (
+            ["entry", "hook", "F", "k", "FVU", "L0", "dead %", "CE clean", "CE with SAE",
+             "CE score", "KL"],
+            recon,
+        ),
+        (
+            ["entry", "token entropy (bits) q1 / median / q3",
+             f"stable ≥ {STABLE_COSINE} (median cos)", *(f"{n} k={k}" for n, k in probes)],
+            quality,
+        ),
+    ]  # fmt: skip
+
+
+def probe_ks(rows: list[dict[str, Any]]) -> list[int]:
+    """The k values of the k-sparse probes recorded in rows (keys ending in `@k=N`)."""
+    return sorted({int(key.rsplit("@k=", 1)[1]) for r in rows for key in r if "@k=" in key})
+
+
+def load_rows(path: Path) -> list[dict[str, Any]]:
+    """Rows written by `saeformer compare --json`; UserError when the file is not such rows."""
+    try:
+        rows = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read comparison rows from {path}: {exc}") from None
+    needed = {"name", "hook", "width", "k", "fvu", "l0", "dead_frac"}
+    if not isinstance(rows, list) or not all(
+        isinstance(r, dict) and needed <= r.keys() for r in rows
+    ):
+        raise UserError(f"{path} is not the output of `saeformer compare --json`")
+    return rows
+
+
+def markdown_tables(rows: list[dict[str, Any]], probe: ProbeConfig) -> str:
+    """`comparison_tables` as markdown."""
+    blocks = []
+    for header, cells in comparison_tables(rows, probe.probe_k):
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(row) + " |" for row in cells]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks) + "\n"

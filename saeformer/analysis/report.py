@@ -58,6 +58,7 @@ class ReportConfig:
     out: Path | None = None  # default: RUN/report
     cards: int = 100  # full feature cards per bottleneck: the densest features
     all_cards: bool = False  # a full card for every feature
+    compare: Path | None = None  # rows of `saeformer compare --json`: a comparison section
     evolve: EvolveConfig = field(default_factory=EvolveConfig)
 
 
@@ -263,6 +264,7 @@ def build_report(run_dir: Path, cfg: ReportConfig | None = None) -> Path:
     """Write the report folder of a run (snapshotting and evolving first when needed)."""
     cfg = cfg or ReportConfig()
     run_dir = Path(run_dir)
+    compare = None if cfg.compare is None else _compare_section(cfg.compare)
     if not (run_dir / "config.json").is_file():
         raise UserError(f"{run_dir} is not a run directory (no config.json)")
     if not list_snapshots(run_dir):
@@ -288,11 +290,22 @@ def build_report(run_dir: Path, cfg: ReportConfig | None = None) -> Path:
             from saeformer.analysis.curves import plot_curves
 
             info["curves_png"] = "img/" + plot_curves(run_dir, tmp / "img" / "curves.png").name
+        if compare is not None:
+            info["compare"] = compare
         (tmp / "data" / "run.js").write_text(js_data("run", info), "utf-8")
         title = html.escape(f"saeformer report: {info['name']}")
         page = (ASSETS / "report.html").read_text(encoding="utf-8").replace("{{TITLE}}", title)
         (tmp / "report.html").write_text(page, encoding="utf-8")
     return out / "report.html"
+
+
+def _compare_section(path: Path) -> dict[str, Any]:
+    """The tables of `saeformer compare`, as the markdown output shows them."""
+    from saeformer.analysis.compare import comparison_tables, load_rows, probe_ks
+
+    rows = load_rows(path)
+    tables = comparison_tables(rows, probe_ks(rows))
+    return {"source": Path(path).name, "tables": [{"header": h, "rows": r} for h, r in tables]}
 
 
 def folder_bytes(folder: Path) -> int:

@@ -88,6 +88,19 @@ function renderRun(run) {
     "with h; without a reconstruction loss it can exceed 1 (\u0125 is then the model's own " +
     "sparse state, not an approximation of h)." }));
   if (run.curves_png) section.append(el("img", { src: run.curves_png, alt: "training curves" }));
+  if (run.compare) renderCompare(section, run.compare);
+}
+
+function renderCompare(section, compare) {
+  section.append(el("h2", { text: "Joint bottlenecks vs post-hoc SAEs" }),
+    el("p", { class: "note", text: `From ${compare.source} (saeformer compare --json): the ` +
+      "same probe text and metrics for every entry. CE score: 1 = splicing the SAE in costs " +
+      "nothing, 0 = as bad as zeroing the hook point." }));
+  for (const table of compare.tables) {
+    const head = el("tr", {}, ...table.header.map((h) => el("th", { text: h })));
+    const rows = table.rows.map((row) => el("tr", {}, ...row.map((c) => el("td", { text: c }))));
+    section.append(el("table", { class: "summary compare" }, head, ...rows));
+  }
 }
 
 // ----- feature browser --------------------------------------------------------------------------
