@@ -2,6 +2,7 @@
 
 import errno
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -133,3 +134,25 @@ def test_keep_last_prunes_only_after_commit(tmp_path, config_file):
         trainer.train_step()
         trainer.save()
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step_3", "step_4"]
+
+
+def test_async_save_commits_the_same_checkpoints_as_a_blocking_save(tmp_path, config_file):
+    sets = ["train.steps=20", "train.keep_last=3"]
+    Trainer(load_config(config_file, sets), tmp_path / "sync").run()
+    trainer = Trainer(load_config(config_file, [*sets, "train.async_save=true"]), tmp_path / "a")
+    for _ in range(10):
+        trainer.train_step()
+    trainer.save()
+    assert list_checkpoints(tmp_path / "a") == []  # in flight: committed at the next save
+    assert trainer.run()["step"] == 20
+    assert [p.name for p in list_checkpoints(tmp_path / "a")] == ["step_10", "step_20"]
+    for step in (10, 20):
+        a, b = _weights(tmp_path / "sync", step), _weights(tmp_path / "a", step)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    # the optimizer state staged at step 10 (not the one of later steps) went to disk
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step_20")
+    resumed = Trainer(load_config(tmp_path / "b" / "config.json"), tmp_path / "b", resume=True)
+    resumed.run()
+    a, b = _weights(tmp_path / "sync", 20), _weights(tmp_path / "b", 20)
+    assert all(torch.equal(a[k], b[k]) for k in a)

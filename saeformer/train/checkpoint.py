@@ -13,6 +13,7 @@ import re
 import shutil
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed import ProcessGroup
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -66,6 +68,17 @@ def _tied(model: nn.Module) -> bool:
     return bool(getattr(getattr(inner, "cfg", None), "tie_embeddings", False))
 
 
+@dataclass
+class PendingCheckpoint:
+    """A checkpoint written to its temporary folder but not committed yet; with an async save
+    its optimizer shards may still be in flight."""
+
+    tmp: Path
+    final: Path
+    step: int
+    optimizer_written: Future | None = None
+
+
 def save_checkpoint(
     run_dir: Path,
     step: int,
@@ -77,37 +90,76 @@ def save_checkpoint(
     ctx: DistContext,
 ) -> Path:
     """Write step_<step> atomically (a collective), then prune to the newest `keep_last`."""
-    root = run_dir / "checkpoints"
-    final = root / f"step_{step}"
+    pending = start_checkpoint(run_dir, step, model, optimizer, ckpt, config, ctx)
+    return commit_checkpoint(pending, keep_last, ctx)
+
+
+def start_checkpoint(
+    run_dir: Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ckpt: Checkpoint,
+    config: dict[str, Any],
+    ctx: DistContext,
+    async_save: bool = False,
+    group: ProcessGroup | None = None,
+) -> PendingCheckpoint:
+    """Write everything of step_<step> into a temporary folder (a collective). With
+    `async_save`, DCP writes the optimizer shards in the background (collectives on `group`)
+    from a copy staged in memory, so training can go on."""
+    final = run_dir / "checkpoints" / f"step_{step}"
     weights = full_model_tensors(model)
     optim_state = get_optimizer_state_dict(model, optimizer) if optimizer.state else None
     tmp = Path(broadcast_object(str(temporary_dir_for(final)) if ctx.is_main else None, ctx))
-    try:
+    pending = PendingCheckpoint(tmp, final, step)
+    with _cleaned_on_error(tmp, final):
         if ctx.is_main:
             save_file(weights, tmp / MODEL_FILE)
             crash_point("checkpoint.model", step)
-        if optim_state is not None:
-            with _single_process_quiet():
-                dcp.save(optim_state, checkpoint_id=tmp / OPTIM_DIR)
-        barrier(ctx)
-        if ctx.is_main:
-            crash_point("checkpoint.optimizer", step)
             save_file(
                 {k: v.detach().cpu().contiguous() for k, v in ckpt.tensors.items()},
                 tmp / TENSORS_FILE,
             )
             write_json(tmp / STATE_FILE, ckpt.state)
             write_json(tmp / "config.json", config)
-            crash_point("checkpoint.commit", step)
-            commit_dir(tmp, final)
+        if optim_state is not None:
+            with _single_process_quiet():
+                if async_save:
+                    pending.optimizer_written = dcp.async_save(
+                        optim_state, checkpoint_id=tmp / OPTIM_DIR, process_group=group
+                    )
+                else:
+                    dcp.save(optim_state, checkpoint_id=tmp / OPTIM_DIR)
+    return pending
+
+
+def commit_checkpoint(pending: PendingCheckpoint, keep_last: int, ctx: DistContext) -> Path:
+    """Wait for the optimizer shards, rename the folder into place, prune to `keep_last`."""
+    with _cleaned_on_error(pending.tmp, pending.final):
+        if pending.optimizer_written is not None:
+            pending.optimizer_written.result()
+        barrier(ctx)
+        if ctx.is_main:
+            crash_point("checkpoint.optimizer", pending.step)
+            crash_point("checkpoint.commit", pending.step)
+            commit_dir(pending.tmp, pending.final)
+    barrier(ctx)
+    if ctx.is_main:
+        run_dir = pending.final.parent.parent
+        for old in list_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    return pending.final
+
+
+@contextlib.contextmanager
+def _cleaned_on_error(tmp: Path, final: Path) -> Iterator[None]:
+    """A write that fails removes its temporary folder and becomes one clear error."""
+    try:
+        yield
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f"could not write checkpoint {final}: {exc.strerror or exc}") from None
-    barrier(ctx)
-    if ctx.is_main:
-        for old in list_checkpoints(run_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 @contextlib.contextmanager

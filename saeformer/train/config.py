@@ -47,6 +47,7 @@ class TrainConfig:
     dtype: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast for the forward pass
     compile: bool = False  # torch.compile each block
     activation_checkpointing: bool = False  # recompute each block in the backward pass
+    async_save: bool = False  # write optimizer shards in the background; commit at next save
     sdpa_backend: Literal["auto", "flash", "efficient", "cudnn", "math"] = "auto"
 
 

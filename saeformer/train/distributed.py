@@ -55,6 +55,14 @@ def init_distributed(device: torch.device, timeout_s: int) -> DistContext:
     return DistContext(rank=dist.get_rank(), world_size=world, local_rank=local_rank)
 
 
+def background_group(ctx: DistContext) -> dist.ProcessGroup | None:
+    """A gloo group for collectives run from a background thread (async checkpoint saves), so
+    they never interleave with training's NCCL collectives; None alone."""
+    if not ctx.enabled:
+        return None
+    return dist.new_group(backend="gloo")
+
+
 def shutdown() -> None:
     """Leave the process group if one was joined."""
     if dist.is_initialized():

@@ -28,15 +28,18 @@ from saeformer.faults import crash_point
 from saeformer.model import AuxRequest, Output, Transformer
 from saeformer.train.checkpoint import (
     Checkpoint,
+    PendingCheckpoint,
+    commit_checkpoint,
     latest_checkpoint,
     load_checkpoint,
     remove_stale_temporaries,
-    save_checkpoint,
+    start_checkpoint,
 )
 from saeformer.train.config import RunConfig
 from saeformer.train.data import Batches, TokenData, fixed_windows
 from saeformer.train.distributed import (
     all_reduce,
+    background_group,
     broadcast_object,
     check_divisible,
     init_distributed,
@@ -99,6 +102,8 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         self.model = Transformer(cfg.model).to(self.device)
         self.train_model = parallelize(self.model, cfg.train, self.dist, self.device)
+        self.save_group = background_group(self.dist) if cfg.train.async_save else None
+        self.pending: PendingCheckpoint | None = None
         self.optimizer = build_optimizer(self.model, cfg)
         self.distiller = (
             Distiller(cfg, self.data.tokenizer_path, self.device)
@@ -342,25 +347,37 @@ class Trainer:
             fh.write(json.dumps({"step": step, "tokens": self.progress.tokens, **stats}) + "\n")
 
     def save(self) -> Path:
-        """Commit a checkpoint of the current step."""
+        """Write a checkpoint of the current step. With train.async_save its optimizer shards
+        go on writing in the background and it is committed at the next save or at the end."""
+        self.commit_pending()
         state = {
             "progress": vars(self.progress),
             "rng": {"python": random.getstate(), "numpy": _numpy_state()},
         }
         tensors = {"rng.torch": torch.get_rng_state()}
         tensors.update({f"since_fired.{bid}": c for bid, c in self.since_fired.items()})
-        path = save_checkpoint(
+        self.pending = start_checkpoint(
             self.run_dir,
             self.progress.step,
             self.train_model,
             self.optimizer,
             Checkpoint(state=state, tensors=tensors),
             to_dict(self.cfg),
-            self.cfg.train.keep_last,
             self.dist,
+            self.cfg.train.async_save,
+            self.save_group,
         )
-        self.progress.last_checkpoint = str(path)
-        return path
+        final = self.pending.final
+        if not self.cfg.train.async_save:
+            self.commit_pending()
+        return final
+
+    def commit_pending(self) -> None:
+        """Commit the checkpoint still in flight, if any."""
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            path = commit_checkpoint(pending, self.cfg.train.keep_last, self.dist)
+            self.progress.last_checkpoint = str(path)
 
     # ----- the loop -----------------------------------------------------------------------
 
@@ -378,6 +395,7 @@ class Trainer:
         )
         try:
             self._loop(bar)
+            self.commit_pending()
             return self.summary()
         finally:
             bar.close()
