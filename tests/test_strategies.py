@@ -90,6 +90,30 @@ def test_decoder_rows_stay_unit_norm_after_steps(tmp_path, config_file, unit_nor
         assert (norms - 1).abs().max() > 1e-3
 
 
+def test_b_dec_moves_to_the_batch_mean_of_its_input(tmp_path, config_file):
+    """After one step b_dec = b' + rate·(mean h − b'), b' the optimizer's b_dec (rate 0)."""
+    sets = ["train.grad_accum=2", "strategy.b_dec_mean_rate="]
+    trainers = {
+        r: Trainer(load_config(config_file, [sets[0], sets[1] + r]), tmp_path / r)
+        for r in ("0", "0.25")
+    }
+    seen: list[torch.Tensor] = []
+    bottleneck = trainers["0.25"].model.bottleneck("resid.0")
+    bottleneck.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+    for trainer in trainers.values():
+        trainer.train_step()
+    assert len(seen) == 2  # one per micro-batch
+    mean = torch.cat([h.reshape(-1, h.shape[-1]) for h in seen]).double().mean(0)
+    moved = trainers["0"].model.bottleneck("resid.0").b_dec.detach().double()
+    want = moved + 0.25 * (mean - moved)
+    torch.testing.assert_close(bottleneck.b_dec.detach().double(), want, rtol=1e-5, atol=1e-6)
+    assert (bottleneck.b_dec.detach() - moved).norm() > 1e-3  # far beyond the tolerance
+    with pytest.raises(UserError, match="b_dec_mean_rate"):
+        load_config(
+            config_file, ["model.vocab_size=512", "strategy.b_dec_mean_rate=1.5"]
+        ).validate()
+
+
 def test_distill_loss_against_a_hand_computed_kl():
     student, teacher, t = torch.randn(3, 5, 11), torch.randn(3, 5, 11), 2.0
     p = torch.softmax(teacher / t, dim=-1)

@@ -29,6 +29,7 @@ class SiteOutput:
     l0: Tensor
     counts: Tensor  # [F] tokens each feature fired on
     fvu: Tensor | None = None  # resid sites: FVU of ĥ against h (no grad)
+    mean_h: Tensor | None = None  # resid sites: mean of h over the batch [d] (no grad)
     rec_loss: Tensor | None = None
     auxk_loss: Tensor | None = None
     values: Tensor | None = None
@@ -99,6 +100,7 @@ class Bottleneck(nn.Module):
                 l0=l0(code.values),
                 counts=firing_counts(code.values, code.indices, self.width),
                 fvu=fvu(rows, h_hat),
+                mean_h=rows.float().mean(0),
             )
         if keep_code:
             site.values, site.indices = code.values, code.indices

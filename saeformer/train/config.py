@@ -64,6 +64,7 @@ class StrategyConfig:
     dead_tokens: int = 1_000_000  # a feature is dead after this many tokens without firing
     rec_coef: float = 0.0  # λ_rec: reconstruction FVU at resid sites (trains the bottleneck only)
     unit_norm_decoder: bool = True  # renormalise decoder rows, drop the parallel gradient
+    b_dec_mean_rate: float = 0.0  # resid sites: b_dec moves this far to the batch mean of h
     bottleneck_lr_mult: float = 1.0
     bottleneck_warmup_steps: int = 0  # bottleneck lr ramps up over these steps (0: off)
     teacher_run: Path | None = None  # KL distillation from this (dense) run directory
@@ -126,6 +127,8 @@ class RunConfig:
         counts = (s.aux_coef, s.rec_coef, s.kd_coef, s.k_aux, s.dead_tokens, s.k_levels)
         if min(*counts, s.bottleneck_warmup_steps, s.keep_last_dense) < 0:
             raise UserError("strategy coefficients and counts must be non-negative")
+        if not 0 <= s.b_dec_mean_rate <= 1:
+            raise UserError(f"strategy.b_dec_mean_rate must be in [0, 1], got {s.b_dec_mean_rate}")
         if (s.kd_coef > 0) != (s.teacher_run is not None) or s.temperature <= 0:
             raise UserError(
                 "strategy.kd_coef > 0 and strategy.teacher_run go together, "

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from saeformer.analysis.metrics import next_token_kl
 from saeformer.errors import UserError
@@ -35,6 +36,19 @@ def normalize_decoders(model: Transformer) -> None:
     """Rescale every resid decoder row to unit norm after an optimizer step."""
     for b in resid_bottlenecks(model):
         b.normalize_decoder()
+
+
+@torch.no_grad()
+def track_decoder_bias(model: Transformer, means: dict[str, Tensor], rate: float) -> None:
+    """Move each resid b_dec a fraction `rate` of the way to the batch mean of its input h.
+
+    The residual stream's mean is large and drifts during training; a b_dec left behind it
+    makes the latents that point against it negative on every token, hence dead for good."""
+    for layer, b in model.resid.items():
+        mean = means[f"resid.{layer}"].to(b.b_dec.dtype)
+        if isinstance(b.b_dec, DTensor):  # FSDP2: the same full mean on every rank, sharded
+            mean = distribute_tensor(mean, b.b_dec.device_mesh, b.b_dec.placements)
+        b.b_dec.lerp_(mean, rate)
 
 
 def update_dead_counters(since_fired: Tensor, counts: Tensor, n_tokens: int) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 from torch.distributed.tensor import DTensor
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
@@ -54,6 +55,7 @@ from saeformer.train.strategy import (
     Distiller,
     normalize_decoders,
     remove_parallel_decoder_grads,
+    track_decoder_bias,
     update_dead_counters,
 )
 
@@ -238,6 +240,7 @@ class Trainer:
         local = micro // self.dist.world_size
         parts = t.grad_accum * self.dist.world_size
         stats: dict[str, float] = {}
+        means: dict[str, Tensor] = {}  # resid sites: batch mean of h, for b_dec tracking
         self.train_model.train()
         for m in range(t.grad_accum):
             set_gradient_sync(self.train_model, m == t.grad_accum - 1)
@@ -256,8 +259,10 @@ class Trainer:
                 _accumulate(stats, {f"{bid}/l0": site.l0.item()}, parts)
                 if site.fvu is not None:
                     _accumulate(stats, {f"{bid}/fvu": site.fvu.item()}, parts)
+                if site.mean_h is not None:
+                    means[bid] = means.get(bid, 0) + site.mean_h / parts
         stats = self._sum_over_ranks(stats)
-        self._optimizer_step(stats)
+        self._optimizer_step(stats, self._sum_means_over_ranks(means))
         p.step += 1
         p.position += t.batch_size
         p.tokens += t.batch_size * self.cfg.model.context
@@ -285,7 +290,15 @@ class Trainer:
         )
         return dict(zip(keys, values.tolist(), strict=True))
 
-    def _optimizer_step(self, stats: dict[str, float]) -> None:
+    def _sum_means_over_ranks(self, means: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Each rank holds its share of every batch mean; their sum is the global mean."""
+        if not self.dist.enabled or not means:
+            return means
+        keys = sorted(means)
+        total = all_reduce(torch.stack([means[k] for k in keys]), self.dist)
+        return dict(zip(keys, total, strict=True))
+
+    def _optimizer_step(self, stats: dict[str, float], means: dict[str, Tensor]) -> None:
         if self.cfg.strategy.unit_norm_decoder:
             remove_parallel_decoder_grads(self.model)
         for part, norm in clip_groups(self.optimizer, self.cfg.train.grad_clip).items():
@@ -300,6 +313,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.cfg.strategy.unit_norm_decoder:
             normalize_decoders(self.model)
+        if self.cfg.strategy.b_dec_mean_rate > 0:
+            track_decoder_bias(self.model, means, self.cfg.strategy.b_dec_mean_rate)
 
     def _skip_step(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
