@@ -49,6 +49,8 @@ SITES = ("resid", "mlp")
 TAX_MULTIPLES = (1.0, 1.25, 1.5, 2.0, 3.0)  # branch budgets, in units of the dense budget
 DECAY_FRACTION = 0.2  # of the dense budget: every run ends with a linear decay this long
 TAX_KINDS = ("naive", "combined")  # arms continued past the budget unless --tax-all
+TRADES = {"b-dec-mean"}  # trade loss for live features: not in the combined recipe, but an
+# arm of their own adds each to it
 
 
 @dataclass(frozen=True)
@@ -242,7 +244,15 @@ class Grid:
                         multiples=self.tax("strategy"),
                     )
                 )
-            combined = {**off, **{key: v for values in alone.values() for key, v in values.items()}}
+            combined = {
+                **off,
+                **{
+                    k: v
+                    for name, values in alone.items()
+                    if name not in TRADES
+                    for k, v in values.items()
+                },
+            }
             for s in SEEDS:
                 arms.append(
                     Arm(
@@ -253,6 +263,16 @@ class Grid:
                         combined,
                         s,
                         self.tax("combined"),
+                    )
+                )
+            for name in sorted(TRADES & alone.keys()):  # the recipe with it, for the trade
+                arms.append(
+                    Arm(
+                        f"{site}-combined+{name}",
+                        "strategy",
+                        site,
+                        model,
+                        {**combined, **alone[name]},
                     )
                 )
             for d in self.scale.widths:

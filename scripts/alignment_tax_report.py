@@ -241,6 +241,11 @@ def _model(model: dict[str, Any]) -> str:
     )
 
 
+def _trades(grid: Grid) -> list[str]:
+    """Strategies left out of the combined recipe (each has a `combined+NAME` arm)."""
+    return sorted({a.name.split("combined+")[1] for a in grid.arms if "combined+" in a.name})
+
+
 def _strategy_table(grid: Grid) -> list[str]:
     lines = ["| arm | [strategy] settings |", "|---|---|"]
     for arm in grid.arms:
@@ -318,7 +323,9 @@ def write_results(grid: Grid, scale_name: str, command: str, page: Path, img_dir
         "## Strategy settings",
         "",
         "Naive insertion turns every switch off (the encoder still starts as the decoder's "
-        "transpose); each other arm turns one on; the combined recipe turns on all that apply.",
+        "transpose); each other arm turns one on; the combined recipe turns on all that apply "
+        f"except {', '.join(_trades(grid))}, which trade validation loss for live features "
+        "(the `combined+` arms add them to it).",
         "",
         *_strategy_table(grid),
         "",
