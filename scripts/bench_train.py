@@ -1,12 +1,13 @@
 """Training-step time of the bottleneck model against its dense twin, interleaved in one process.
 
 Three `Trainer`s are built side by side: the dense twin, the bottleneck model as configured
-(AuxK on in the demo config: a second, detached encoder pass per resid site) and the same model
-with `strategy.aux_coef = 0`. Each round runs one `train_step` of each, in rotating order, so
-that load from other processes hits all alike; the table gives median step times and their
-ratios to the dense twin. Steady state: the step counter starts past the α fade-in and k
-annealing (α = 1, final k), and before every step a fixed `--dead-frac` of each site's latents
-is marked dead, as in a trained run, so AuxK selects from them.
+(AuxK and the reconstruction loss on in the demo config: a second, detached encoder pass per
+resid site) and the same model with `strategy.aux_coef = 0` and `strategy.rec_coef = 0`.
+Each round runs one `train_step` of each, in rotating order, so that load from other
+processes hits all alike; the table gives median step times and their ratios to the dense
+twin. Steady state: the step counter starts past the α fade-in and k annealing (α = 1, final
+k), and before every step a fixed `--dead-frac` of each site's latents is marked dead, as in a
+trained run, so AuxK selects from them.
 
     PYTHONPATH=. python scripts/bench_train.py --data /tmp/lead_prep     # CPU, the demo size
     PYTHONPATH=. python scripts/bench_train.py --device cuda --data data/prepared/fineweb-edu
@@ -121,7 +122,9 @@ def variant_configs(args: argparse.Namespace) -> dict[str, RunConfig]:
     configs = {"dense twin": dense, "bottleneck, AuxK on": load_config(args.config, common)}
     if configs["bottleneck, AuxK on"].strategy.aux_coef <= 0:
         raise UserError(f"{args.config}: strategy.aux_coef is 0; the AuxK-on row needs it > 0")
-    configs["bottleneck, AuxK off"] = load_config(args.config, [*common, "strategy.aux_coef=0"])
+    configs["bottleneck, AuxK off"] = load_config(
+        args.config, [*common, "strategy.aux_coef=0", "strategy.rec_coef=0"]
+    )
     return configs
 
 
