@@ -79,21 +79,6 @@ class PendingCheckpoint:
     optimizer_written: Future | None = None
 
 
-def save_checkpoint(
-    run_dir: Path,
-    step: int,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    ckpt: Checkpoint,
-    config: dict[str, Any],
-    keep_last: int,
-    ctx: DistContext,
-) -> Path:
-    """Write step_<step> atomically (a collective), then prune to the newest `keep_last`."""
-    pending = start_checkpoint(run_dir, step, model, optimizer, ckpt, config, ctx)
-    return commit_checkpoint(pending, keep_last, ctx)
-
-
 def start_checkpoint(
     run_dir: Path,
     step: int,

@@ -27,10 +27,11 @@ from saeformer.errors import UserError
 from saeformer.model import AuxRequest, Bottleneck
 from saeformer.train.checkpoint import (
     Checkpoint,
+    commit_checkpoint,
     latest_checkpoint,
     load_checkpoint,
     remove_stale_temporaries,
-    save_checkpoint,
+    start_checkpoint,
 )
 from saeformer.train.config import TrainConfig
 from saeformer.train.data import TokenData
@@ -324,16 +325,16 @@ class PosthocTrainer:
         """Commit a checkpoint of the current step."""
         state = {"posthoc": {"step": self.step, "tokens": self.tokens, "position": self.position}}
         tensors = {f"since_fired.{i}": c for i, c in enumerate(self.since_fired)}
-        return save_checkpoint(
+        pending = start_checkpoint(
             self.run_dir,
             self.step,
             self.saes,
             self.optimizer,
             Checkpoint(state=state, tensors=tensors),
             to_dict(self.cfg),
-            self.cfg.train.keep_last,
             DistContext(),
         )
+        return commit_checkpoint(pending, self.cfg.train.keep_last, DistContext())
 
     def export(self) -> list[Path]:
         """Write every SAE in the SAELens layout under RUN/saes/<hook>/."""
