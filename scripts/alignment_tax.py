@@ -114,7 +114,7 @@ class Arm:
     """One configuration of the grid, trained as one or more branches (budget multiples)."""
 
     name: str
-    kind: str  # dense | wide | naive | strategy | combined | width
+    kind: str  # dense | wide | naive | strategy | combined | recipe (combined variant) | width
     site: str | None
     model: dict[str, Any]
     strategy: dict[str, Any] = field(default_factory=dict)
@@ -265,16 +265,12 @@ class Grid:
                         self.tax("combined"),
                     )
                 )
+            if "distill" in alone:  # the recipe without a teacher: the configs' default
+                teacherless = {k: v for k, v in combined.items() if k not in alone["distill"]}
+                arms.append(Arm(f"{site}-combined-no-distill", "recipe", site, model, teacherless))
             for name in sorted(TRADES & alone.keys()):  # the recipe with it, for the trade
-                arms.append(
-                    Arm(
-                        f"{site}-combined+{name}",
-                        "strategy",
-                        site,
-                        model,
-                        {**combined, **alone[name]},
-                    )
-                )
+                traded = {**combined, **alone[name]}
+                arms.append(Arm(f"{site}-combined+{name}", "recipe", site, model, traded))
             for d in self.scale.widths:
                 arms.append(Arm(f"{site}-combined-d{d}", "width", site, widen(model, d), combined))
         return arms
@@ -427,7 +423,7 @@ def selected(arms: list[Arm], only: str | None) -> list[Arm]:
 
 def train_grid(grid: Grid, arms: list[Arm]) -> None:
     """Budget runs first (dense twins before the rest), then the tax branches, then widths."""
-    order = ("dense", "naive", "combined", "strategy", "wide")  # the headline numbers first
+    order = ("dense", "naive", "combined", "recipe", "strategy", "wide")  # headline numbers first
     budget = sorted((a for a in arms if a.kind != "width"), key=lambda a: order.index(a.kind))
     branches = [(a, i) for a in budget for i in range(1, len(a.multiples))]
     widths = [a for a in arms if a.kind == "width"]
