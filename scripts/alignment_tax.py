@@ -267,7 +267,9 @@ class Grid:
                 )
             if "distill" in alone:  # the recipe without a teacher: the configs' default
                 teacherless = {k: v for k, v in combined.items() if k not in alone["distill"]}
-                arms.append(Arm(f"{site}-combined-no-distill", "recipe", site, model, teacherless))
+                for s in SEEDS:
+                    name = f"{site}-combined-no-distill-s{s}"
+                    arms.append(Arm(name, "recipe", site, model, teacherless, s))
             for name in sorted(TRADES & alone.keys()):  # the recipe with it, for the trade
                 traded = {**combined, **alone[name]}
                 arms.append(Arm(f"{site}-combined+{name}", "recipe", site, model, traded))

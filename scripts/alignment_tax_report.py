@@ -249,7 +249,7 @@ def _trades(grid: Grid) -> list[str]:
 def _strategy_table(grid: Grid) -> list[str]:
     lines = ["| arm | [strategy] settings |", "|---|---|"]
     for arm in grid.arms:
-        if arm.kind in ("naive", "strategy", "recipe") or arm.name.endswith("combined-s0"):
+        if arm.kind in ("naive", "strategy", "combined", "recipe") and not arm.name.endswith("-s1"):
             settings = ", ".join(
                 f"{k} = {v}" for k, v in arm.strategy.items() if k != "teacher_run"
             )
@@ -325,8 +325,8 @@ def write_results(grid: Grid, scale_name: str, command: str, page: Path, img_dir
         "Naive insertion turns every switch off (the encoder still starts as the decoder's "
         "transpose); each other arm turns one on; the combined recipe turns on all that apply "
         f"except {', '.join(_trades(grid))}, which trade validation loss for live features "
-        "(the `combined+` arms add them to it); `combined-no-distill` is the recipe without a "
-        "dense teacher, the default of the configs.",
+        "(the `combined+` arms add them to it); `combined-no-distill` (two seeds) is the "
+        "recipe without a dense teacher, the default of the configs.",
         "",
         *_strategy_table(grid),
         "",
