@@ -49,7 +49,7 @@ SITES = ("resid", "mlp")
 TAX_MULTIPLES = (1.0, 1.25, 1.5, 2.0, 3.0)  # branch budgets, in units of the dense budget
 DECAY_FRACTION = 0.2  # of the dense budget: every run ends with a linear decay this long
 TAX_KINDS = ("naive", "combined")  # arms continued past the budget unless --tax-all
-TRADES = {"b-dec-mean"}  # trade loss for live features: not in the combined recipe, but an
+TRADES = {"b-dec-mean"}  # traded loss for live features on the combined recipe: not in it, an
 # arm of their own adds each to it
 
 
