@@ -116,6 +116,8 @@ def start_checkpoint(
                     )
                 else:
                     dcp.save(optim_state, checkpoint_id=tmp / OPTIM_DIR)
+        if ctx.is_main:
+            crash_point("checkpoint.optimizer", step)  # written, or (async) being written
     return pending
 
 
@@ -126,7 +128,6 @@ def commit_checkpoint(pending: PendingCheckpoint, keep_last: int, ctx: DistConte
             pending.optimizer_written.result()
         barrier(ctx)
         if ctx.is_main:
-            crash_point("checkpoint.optimizer", pending.step)
             crash_point("checkpoint.commit", pending.step)
             commit_dir(pending.tmp, pending.final)
     barrier(ctx)

@@ -86,6 +86,14 @@ def all_reduce(values: torch.Tensor, ctx: DistContext, op: str = "sum") -> torch
     return values
 
 
+def sum_named(values: dict[str, torch.Tensor], ctx: DistContext) -> dict[str, torch.Tensor]:
+    """Sum named tensors of one shape over ranks in a single all-reduce; unchanged alone."""
+    if not ctx.enabled or not values:
+        return values
+    keys = sorted(values)
+    return dict(zip(keys, all_reduce(torch.stack([values[k] for k in keys]), ctx), strict=True))
+
+
 def broadcast_object(value: Any, ctx: DistContext) -> Any:
     """Rank 0's value on every rank."""
     if not ctx.enabled:

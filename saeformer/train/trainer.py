@@ -46,6 +46,7 @@ from saeformer.train.distributed import (
     init_distributed,
     set_gradient_sync,
     shutdown,
+    sum_named,
 )
 from saeformer.train.flops import bottleneck_flops_per_token, dense_flops_per_token, peak_flops
 from saeformer.train.optim import build_optimizer, clip_groups, set_lr
@@ -262,7 +263,7 @@ class Trainer:
                 if site.mean_h is not None:
                     means[bid] = means.get(bid, 0) + site.mean_h / parts
         stats = self._sum_over_ranks(stats)
-        self._optimizer_step(stats, self._sum_means_over_ranks(means))
+        self._optimizer_step(stats, sum_named(means, self.dist))
         p.step += 1
         p.position += t.batch_size
         p.tokens += t.batch_size * self.cfg.model.context
@@ -283,20 +284,9 @@ class Trainer:
         """Each rank holds its share of every mean; the sum over ranks is the global mean."""
         if not self.dist.enabled:
             return stats
-        keys = sorted(stats)
-        values = all_reduce(
-            torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=self.device),
-            self.dist,
-        )
-        return dict(zip(keys, values.tolist(), strict=True))
-
-    def _sum_means_over_ranks(self, means: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Each rank holds its share of every batch mean; their sum is the global mean."""
-        if not self.dist.enabled or not means:
-            return means
-        keys = sorted(means)
-        total = all_reduce(torch.stack([means[k] for k in keys]), self.dist)
-        return dict(zip(keys, total, strict=True))
+        f64 = {"dtype": torch.float64, "device": self.device}
+        summed = sum_named({k: torch.tensor(v, **f64) for k, v in stats.items()}, self.dist)
+        return dict(zip(summed, torch.stack(list(summed.values())).tolist(), strict=True))  # 1 sync
 
     def _optimizer_step(self, stats: dict[str, float], means: dict[str, Tensor]) -> None:
         if self.cfg.strategy.unit_norm_decoder:
