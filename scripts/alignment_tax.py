@@ -3,14 +3,16 @@ convergence strategies pay it back.
 
 Trains on the bundled corpus the dense twins (the same architecture without bottlenecks, two
 seeds, and one widened to the bottleneck model's parameter count), naive insertion (every
-strategy off), each strategy alone and the combined recipe (two seeds), at resid and at mlp
-sites, then the combined recipe at growing model widths. Protocol (DESIGN.md, Metrics): a
-warm-up/stable/decay lr schedule; the penalty at the dense budget N; the alignment tax from
-decays branched off each bottleneck run's stable phase at 1.25, 1.5, 2 and 3 times the budget
-(each branch continues the previous one's stable phase, so a longer run is a fair
-continuation), stopping once a branch reaches the dense twin's loss. Rerunning the command
-skips finished runs and resumes unfinished ones; docs/results.md is rewritten from whatever
-has finished.
+strategy off), each strategy alone, the combined recipe (two seeds), the recipe without its
+dense teacher (the configs' default, two seeds) and that recipe less one strategy at a time,
+at resid and at mlp sites, then the default recipe at growing model widths. Protocol
+(DESIGN.md, Metrics): a warm-up/stable/decay lr schedule; the penalty at the dense budget N;
+the alignment tax from decays branched off each bottleneck run's stable phase at 1.25, 1.5, 2
+and 3 times the budget (each branch continues the previous one's stable phase, so a longer
+run is a fair continuation), stopping once a branch reaches the dense twin's loss; the dense
+twin itself continues the same way, to show whether its loss has flattened at N. Rerunning
+the command skips finished runs and resumes unfinished ones; docs/results.md is rewritten
+from whatever has finished.
 
     python scripts/alignment_tax.py                                  # the CPU grid (hours)
     python scripts/alignment_tax.py --scale smoke --budget-steps 20 --data /tmp/prepared
@@ -87,7 +89,7 @@ SCALES = {
         budget_steps=600,
         dead_tokens=200_000,
         k_aux=128,
-        widths=(112, 128, 160),
+        widths=(104, 112, 128),
         vocab_size=4096,
         note=(
             "a smaller model than the demo's (vocabulary 4096) trained on 0.4 epochs of the "
@@ -114,7 +116,7 @@ class Arm:
     """One configuration of the grid, trained as one or more branches (budget multiples)."""
 
     name: str
-    kind: str  # dense | wide | naive | strategy | combined | recipe (combined variant) | width
+    kind: str  # dense | wide | naive | strategy | combined | recipe | ablation | width
     site: str | None
     model: dict[str, Any]
     strategy: dict[str, Any] = field(default_factory=dict)
@@ -216,66 +218,86 @@ class Grid:
 
     def _plan(self) -> list[Arm]:
         dense = {**self.scale.model, "bottleneck": []}
-        arms = [Arm(f"dense-s{s}", "dense", None, dense, seed=s) for s in SEEDS]
+        # seed 0 continues past the budget like a tax branch: its own loss there shows whether
+        # the budget lets the dense twin flatten
+        arms = [Arm("dense-s0", "dense", None, dense, multiples=TAX_MULTIPLES)]
+        arms += [Arm(f"dense-s{s}", "dense", None, dense, seed=s) for s in SEEDS[1:]]
         for site in SITES:
             name, d = self.wide_twin(site), self.wide_width[site]
             if name not in {a.name for a in arms}:
                 arms.append(Arm(name, "wide", None, widen(dense, d)))
+        for site in SITES:
+            arms += self._site_arms(site)
+        return arms
+
+    def _site_arms(self, site: str) -> list[Arm]:
+        """Naive, each strategy alone, the combined recipe with and without its teacher, the
+        teacherless recipe less one strategy at a time, the trades and the wider models."""
+        model = self.site_model(site)
         off = {"unit_norm_decoder": False, "dead_tokens": self.scale.dead_tokens}
         teacher = (self.out / "dense-s0" / branch_name(1.0)).resolve()
-        for site in SITES:
-            model = self.site_model(site)
+        alone = {
+            name: values
+            for name, (where, values) in strategies(self.scale, self.n, teacher).items()
+            if site in where
+        }
+        kept = [name for name in alone if name not in TRADES]
+        combined = {**off, **{k: v for name in kept for k, v in alone[name].items()}}
+        teacherless = {k: v for k, v in combined.items() if k not in alone["distill"]}
+        arms = [Arm(f"{site}-naive", "naive", site, model, off, multiples=self.tax("naive"))]
+        for name, values in alone.items():
+            strategy = {**off, **values}
             arms.append(
-                Arm(f"{site}-naive", "naive", site, model, off, multiples=self.tax("naive"))
+                Arm(
+                    f"{site}-{name}",
+                    "strategy",
+                    site,
+                    model,
+                    strategy,
+                    multiples=self.tax("strategy"),
+                )
             )
-            alone = {
-                name: values
-                for name, (where, values) in strategies(self.scale, self.n, teacher).items()
-                if site in where
-            }
-            for name, values in alone.items():
+        for s in SEEDS:
+            arms.append(
+                Arm(
+                    f"{site}-combined-s{s}",
+                    "combined",
+                    site,
+                    model,
+                    combined,
+                    s,
+                    self.tax("combined"),
+                )
+            )
+        for s in SEEDS:  # the configs' default
+            arms.append(
+                Arm(f"{site}-combined-no-distill-s{s}", "recipe", site, model, teacherless, s)
+            )
+        for name in kept:  # leave one out of the default recipe
+            if name != "distill":
+                rest = {k: v for k, v in teacherless.items() if k not in alone[name]}
                 arms.append(
                     Arm(
-                        f"{site}-{name}",
-                        "strategy",
+                        f"{site}-combined-no-distill-no-{name}",
+                        "ablation",
                         site,
                         model,
-                        {**off, **values},
-                        multiples=self.tax("strategy"),
+                        {**off, **rest},
                     )
                 )
-            combined = {
-                **off,
-                **{
-                    k: v
-                    for name, values in alone.items()
-                    if name not in TRADES
-                    for k, v in values.items()
-                },
-            }
-            for s in SEEDS:
-                arms.append(
-                    Arm(
-                        f"{site}-combined-s{s}",
-                        "combined",
-                        site,
-                        model,
-                        combined,
-                        s,
-                        self.tax("combined"),
-                    )
-                )
-            if "distill" in alone:  # the recipe without a teacher: the configs' default
-                teacherless = {k: v for k, v in combined.items() if k not in alone["distill"]}
-                for s in SEEDS:
-                    name = f"{site}-combined-no-distill-s{s}"
-                    arms.append(Arm(name, "recipe", site, model, teacherless, s))
-            for name in sorted(TRADES & alone.keys()):  # the recipe with it, for the trade
-                traded = {**combined, **alone[name]}
-                arms.append(Arm(f"{site}-combined+{name}", "recipe", site, model, traded))
-            for d in self.scale.widths:
-                arms.append(Arm(f"{site}-combined-d{d}", "width", site, widen(model, d), combined))
+        for name in sorted(TRADES & alone.keys()):  # the recipe with it, for the trade
+            traded = {**combined, **alone[name]}
+            arms.append(Arm(f"{site}-combined+{name}", "recipe", site, model, traded))
+        for d in self.scale.widths:  # the default recipe, wider
+            arms.append(
+                Arm(f"{site}-combined-no-distill-d{d}", "width", site, widen(model, d), teacherless)
+            )
         return arms
+
+    def width_ladder(self, site: str) -> list[Arm]:
+        """The default recipe (seed 0) at the scale's width, then at each wider d_model."""
+        wider = [a for a in self.arms if a.kind == "width" and a.site == site]
+        return [self.arm(f"{site}-combined-no-distill-s0"), *wider]
 
     def tax(self, kind: str) -> tuple[float, ...]:
         """Branch budgets of an arm of this kind: continued past the budget, or not."""
@@ -425,7 +447,8 @@ def selected(arms: list[Arm], only: str | None) -> list[Arm]:
 
 def train_grid(grid: Grid, arms: list[Arm]) -> None:
     """Budget runs first (dense twins before the rest), then the tax branches, then widths."""
-    order = ("dense", "naive", "combined", "recipe", "strategy", "wide")  # headline numbers first
+    # headline numbers first
+    order = ("dense", "naive", "combined", "recipe", "ablation", "strategy", "wide")
     budget = sorted((a for a in arms if a.kind != "width"), key=lambda a: order.index(a.kind))
     branches = [(a, i) for a in budget for i in range(1, len(a.multiples))]
     widths = [a for a in arms if a.kind == "width"]
@@ -440,7 +463,7 @@ def train_grid(grid: Grid, arms: list[Arm]) -> None:
             bar.update()
         for arm, index in branches:
             run_dir = grid.branch_dir(arm, arm.multiples[index])
-            if grid.reached(arm, index):
+            if arm.kind != "dense" and grid.reached(arm, index):
                 if not (run_dir / "metrics.jsonl").exists():  # seeded, no longer needed
                     shutil.rmtree(run_dir, ignore_errors=True)
             elif grid.summary(arm, arm.multiples[index - 1]) and grid.dense_loss() is not None:
@@ -448,9 +471,7 @@ def train_grid(grid: Grid, arms: list[Arm]) -> None:
                 grid.train_branch(arm, index)
             bar.update()
         for arm in widths:
-            ladder = [grid.arm(f"{arm.site}-combined-s0")] + [
-                a for a in grid.arms if a.kind == "width" and a.site == arm.site
-            ]
+            ladder = grid.width_ladder(arm.site)
             smaller = ladder[: ladder.index(arm)]  # all finished, none reached: try this width
             ready = grid.dense_loss() is not None and all(grid.summary(a, 1.0) for a in smaller)
             if ready and not any(grid.reached(a, 1) for a in smaller):

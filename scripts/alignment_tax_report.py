@@ -46,7 +46,7 @@ def tax_from(points: list[tuple[float, float]], target: float, complete: bool) -
 
 def _tax(grid: Grid, arm: Arm) -> str:
     target = grid.dense_loss()
-    if len(arm.multiples) == 1 or target is None:
+    if len(arm.multiples) == 1 or target is None or arm.kind == "dense":
         return "–"
     points = []
     for multiple in arm.multiples:
@@ -121,9 +121,7 @@ def _width_search(grid: Grid, site: str) -> str:
     target = grid.dense_loss()
     if target is None:
         return f"{site}: waiting for the dense twins"
-    ladder = [grid.arm(f"{site}-combined-s0")] + [
-        a for a in grid.arms if a.kind == "width" and a.site == site
-    ]
+    ladder = grid.width_ladder(site)
     base, tried = grid.params(ladder[0]), []
     for arm in ladder:
         summary = grid.summary(arm, 1.0)
@@ -139,20 +137,32 @@ def _width_search(grid: Grid, site: str) -> str:
 
 
 def _dense_flatness(grid: Grid) -> str:
-    """Whether the budget lets the dense twin's loss flatten: its late stable-phase slope."""
-    run_dir = grid.branch_dir(grid.arm("dense-s0"), 1.0)
-    if grid.summary(grid.arm("dense-s0"), 1.0) is None:
+    """Whether the budget lets the dense twin's loss flatten: its late stable-phase slope, and
+    its own final loss when continued past the budget."""
+    arm = grid.arm("dense-s0")
+    if grid.summary(arm, 1.0) is None:
         return "dense-s0 has not finished: the flatness of its loss at this budget is unknown."
-    curve = dict(read_metrics(run_dir)["val/loss"])
+    curve = dict(read_metrics(grid.branch_dir(arm, 1.0))["val/loss"])
     stable_end = grid.n - grid.decay
     earlier = min(curve, key=lambda s: abs(s - stable_end * 2 // 3))
     drop = 100 * (curve[earlier] - curve[stable_end]) / curve[earlier]
-    return (
+    text = (
         f"dense-s0 validation loss: {curve[earlier]:.4f} at step {earlier}, "
         f"{curve[stable_end]:.4f} at the end of the stable phase (step {stable_end}), "
         f"{curve[grid.n]:.4f} after the decay: {drop:.2f}% lower over the last third of the "
         "stable phase (a budget at which the loss has flattened shows well under 1%)."
     )
+    longer = [(m, s["val_loss"]) for m in arm.multiples[1:] if (s := grid.summary(arm, m))]
+    if longer:
+        final = curve[grid.n]
+        text += (
+            " Continued and decayed later, the same twin ends at "
+            + ", ".join(
+                f"{loss:.4f} ({100 * (loss - final) / final:+.2f}%) at {m:g}×" for m, loss in longer
+            )
+            + " the budget."
+        )
+    return text
 
 
 def _plot_site(grid: Grid, site: str, out: Path) -> Path | None:
@@ -164,7 +174,7 @@ def _plot_site(grid: Grid, site: str, out: Path) -> Path | None:
     arms = [
         a
         for a in grid.arms
-        if a.kind in ("dense", "wide") or (a.site == site and a.kind != "width")
+        if a.kind in ("dense", "wide") or (a.site == site and a.kind not in ("width", "ablation"))
     ]
     arms = [a for a in arms if (grid.branch_dir(a, 1.0) / "metrics.jsonl").is_file()]
     if not arms:
@@ -182,7 +192,7 @@ def _plot_site(grid: Grid, site: str, out: Path) -> Path | None:
         finals.append(losses[-1])
         branch = [(m, s["val_loss"]) for m in arm.multiples if (s := grid.summary(arm, m))]
         if len(arm.multiples) > 1 and branch:
-            tax.plot(*zip(*branch, strict=True), marker="o", ms=4, label=arm.name)
+            tax.plot(*zip(*branch, strict=True), marker="o", ms=4, label=arm.name, **style)
     low = min(finals)
     curves.set_ylim(low - 0.05, max(finals) + 0.6)
     curves.set(xlabel="steps / dense budget", ylabel="validation loss", title=f"{site} sites")
@@ -197,6 +207,90 @@ def _plot_site(grid: Grid, site: str, out: Path) -> Path | None:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def _plot_trade(grid: Grid, site: str, out: Path) -> Path | None:
+    """Penalty against dead features for every finished bottleneck arm of a site: the trade
+    the recipe has to win on both axes at once."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dense = grid.dense_loss()
+    points = [
+        (arm, summary)
+        for arm in grid.arms
+        if arm.site == site and (summary := grid.summary(arm, 1.0)) is not None
+    ]
+    if dense is None or not points:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    colors = {
+        "naive": "red",
+        "strategy": "tab:blue",
+        "combined": "black",
+        "recipe": "green",
+        "ablation": "tab:orange",
+        "width": "grey",
+    }
+    for arm, summary in points:
+        dead = [v["dead_frac"] for v in summary["sites"].values()]
+        x = 100 * sum(dead) / len(dead)
+        y = 100 * (summary["val_loss"] - dense) / dense
+        ax.scatter(x, y, color=colors[arm.kind], s=25)
+        ax.annotate(
+            arm.name.removeprefix(f"{site}-"),
+            (x, y),
+            fontsize=7,
+            xytext=(3, 3),
+            textcoords="offset points",
+        )
+    ax.axhline(1.0, color="black", lw=0.8, ls="--")
+    ax.axvline(5.0, color="black", lw=0.8, ls="--")
+    ax.set(
+        xlabel="dead features, mean over bottlenecks (%)",
+        ylabel="validation-loss penalty vs dense twins (%)",
+        title=f"{site} sites: penalty against dead features (target: below and left of "
+        "the dashed lines)",
+    )
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def _ablation_table(grid: Grid, site: str) -> list[str]:
+    """The default recipe less one strategy: its loss and dead features against the recipe's."""
+    seeds = [
+        s
+        for a in grid.arms
+        if a.site == site
+        and a.kind == "recipe"
+        and "no-distill-s" in a.name
+        and (s := grid.summary(a, 1.0))
+    ]
+    rows = [a for a in grid.arms if a.site == site and a.kind == "ablation"]
+    if not rows:
+        return []
+    base = sum(s["val_loss"] for s in seeds) / len(seeds) if seeds else None
+    lines = [
+        f"| {site}: recipe without | val loss | vs recipe | dead % | FVU |",
+        "|---|---|---|---|---|",
+    ]
+    for arm in rows:
+        removed = arm.name.split("-no-distill-no-")[1]
+        summary = grid.summary(arm, 1.0)
+        if summary is None:
+            lines.append(f"| {removed} | {_status(grid, arm)} | – | – | – |")
+            continue
+        lines.append(
+            f"| {removed} | {summary['val_loss']:.4f} | {_penalty(summary['val_loss'], base)} "
+            f"| {_per_site(summary, 'dead_frac', '.1%')} | {_per_site(summary, 'fvu', '.3f')} |"
+        )
+    return [*lines, ""]
 
 
 def estimate_hours(grid: Grid) -> tuple[float, float]:
@@ -249,7 +343,9 @@ def _trades(grid: Grid) -> list[str]:
 def _strategy_table(grid: Grid) -> list[str]:
     lines = ["| arm | [strategy] settings |", "|---|---|"]
     for arm in grid.arms:
-        if arm.kind in ("naive", "strategy", "combined", "recipe") and not arm.name.endswith("-s1"):
+        if arm.kind in ("naive", "strategy", "combined", "recipe", "ablation") and not (
+            arm.name.endswith("-s1")
+        ):
             settings = ", ".join(
                 f"{k} = {v}" for k, v in arm.strategy.items() if k != "teacher_run"
             )
@@ -320,6 +416,19 @@ def write_results(grid: Grid, scale_name: str, command: str, page: Path, img_dir
         "",
         *(f"- {_width_search(grid, site)}" for site in scale.sites),
         "",
+        "## Leave one out of the default recipe",
+        "",
+        "The configs' default (`combined-no-distill`) less one strategy at a time, one seed; "
+        "`vs recipe` is against the mean of the recipe's two seeds (their spread is the noise "
+        "to read these against). The scatter plots put every bottleneck arm on both targets "
+        "at once.",
+        "",
+        *(line for site in scale.sites for line in _ablation_table(grid, site)),
+        *(
+            f"![{site}: penalty against dead features]({os.path.relpath(plot, page.parent)})\n"
+            for site in scale.sites
+            if (plot := _plot_trade(grid, site, img_dir / f"{site}-trade.png")) is not None
+        ),
         "## Strategy settings",
         "",
         "Naive insertion turns every switch off (the encoder still starts as the decoder's "

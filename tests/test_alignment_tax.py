@@ -36,7 +36,26 @@ def test_a_longer_branch_equals_a_straight_run_of_its_length(tmp_path, data_dir)
     assert not (branch / "checkpoints").exists() or not any((branch / "checkpoints").iterdir())
     assert (grid.branch_dir(arm, 1.0) / "checkpoints" / "step_10").is_dir()
 
+    grid.train_branch(grid.arm("dense-s1"), 0)  # a dense loss to put the penalties against
     page = write_results(grid, "smoke", "cmd", tmp_path / "docs" / "results.md", tmp_path / "img")
     text = page.read_text()
     assert "| resid-naive | resid | done | " in text and "| dense-s0 | – | not run |" in text
     assert "![resid sites](../img/resid.png)" in text and (tmp_path / "img" / "resid.png").is_file()
+    assert (tmp_path / "img" / "resid-trade.png").is_file()
+
+
+def test_each_leave_one_out_arm_is_the_default_recipe_less_one_strategy(tmp_path, data_dir):
+    grid = Grid(SCALES["smoke"], 10, tmp_path / "runs", data_dir)
+    recipe = grid.arm("resid-combined-no-distill-s0").strategy
+    assert "teacher_run" not in recipe and recipe["unit_norm_decoder"] is True
+    no_unit_norm = grid.arm("resid-combined-no-distill-no-unit-norm").strategy
+    assert no_unit_norm == {**recipe, "unit_norm_decoder": False}
+    no_auxk = grid.arm("resid-combined-no-distill-no-auxk").strategy
+    assert no_auxk == {k: v for k, v in recipe.items() if k not in ("aux_coef", "k_aux")}
+    ablations = {a.name for a in grid.arms if a.kind == "ablation"}
+    assert "resid-combined-no-distill-no-distill" not in ablations
+    assert "mlp-combined-no-distill-no-auxk" not in ablations  # AuxK is a resid strategy here
+    assert [a.name for a in grid.width_ladder("mlp")][:2] == [
+        "mlp-combined-no-distill-s0",
+        "mlp-combined-no-distill-d40",
+    ]
