@@ -335,6 +335,21 @@ def _model(model: dict[str, Any]) -> str:
     )
 
 
+FINDINGS = (
+    "<!-- findings: written by hand, kept when the page is regenerated -->",
+    "<!-- /findings -->",
+)
+
+
+def _findings(page: Path) -> list[str]:
+    """The hand-written findings block of the existing page (a placeholder when it has none)."""
+    text = page.read_text(encoding="utf-8") if page.is_file() else ""
+    start, end = text.find(FINDINGS[0]), text.find(FINDINGS[1])
+    if start < 0 or end < start:
+        return [FINDINGS[0], "", "No findings written yet.", "", FINDINGS[1]]
+    return text[start : end + len(FINDINGS[1])].split("\n")
+
+
 def _trades(grid: Grid) -> list[str]:
     """Strategies left out of the combined recipe (each has a `combined+NAME` arm)."""
     return sorted({a.name.split("combined+")[1] for a in grid.arms if "combined+" in a.name})
@@ -395,6 +410,10 @@ def write_results(grid: Grid, scale_name: str, command: str, page: Path, img_dir
         "Targets of issue 4 for the combined recipe: a penalty of at most 1% against the "
         "same-architecture twin at the dense budget with at most 5% dead features, and an "
         "alignment tax of at most 1.15×.",
+        "",
+        "## Findings",
+        "",
+        *_findings(page),
         "",
         "## Validation loss at the dense budget, penalty and tax",
         "",

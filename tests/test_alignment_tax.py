@@ -59,3 +59,14 @@ def test_each_leave_one_out_arm_is_the_default_recipe_less_one_strategy(tmp_path
         "mlp-combined-no-distill-s0",
         "mlp-combined-no-distill-d40",
     ]
+
+
+def test_the_hand_written_findings_survive_a_rewrite_of_the_page(tmp_path, data_dir):
+    grid = Grid(SCALES["smoke"], 10, tmp_path / "runs", data_dir)
+    page = write_results(grid, "smoke", "cmd", tmp_path / "results.md", tmp_path / "img")
+    assert "No findings written yet." in page.read_text()
+    text = page.read_text().replace("No findings written yet.", "AuxK <b>works</b> alone.")
+    page.write_text(text.replace("| dense-s0 |", "| stale |"))
+    text = write_results(grid, "smoke", "cmd", page, tmp_path / "img").read_text()
+    assert "AuxK <b>works</b> alone." in text and "No findings" not in text
+    assert "| stale |" not in text and text.count("## Findings") == 1
