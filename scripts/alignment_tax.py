@@ -285,9 +285,10 @@ class Grid:
                         {**off, **rest},
                     )
                 )
-        for name in sorted(TRADES & alone.keys()):  # the recipe with it, for the trade
-            traded = {**combined, **alone[name]}
-            arms.append(Arm(f"{site}-combined+{name}", "recipe", site, model, traded))
+        for name in sorted(TRADES & alone.keys()):  # both recipes with it, for the trade
+            for label, recipe in (("combined", combined), ("combined-no-distill", teacherless)):
+                traded = {**recipe, **alone[name]}
+                arms.append(Arm(f"{site}-{label}+{name}", "recipe", site, model, traded))
         for d in self.scale.widths:  # the default recipe, wider
             arms.append(
                 Arm(f"{site}-combined-no-distill-d{d}", "width", site, widen(model, d), teacherless)

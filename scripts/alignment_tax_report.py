@@ -453,8 +453,9 @@ def write_results(grid: Grid, scale_name: str, command: str, page: Path, img_dir
         "Naive insertion turns every switch off (the encoder still starts as the decoder's "
         "transpose); each other arm turns one on; the combined recipe turns on all that apply "
         f"except {', '.join(_trades(grid))}, which trade validation loss for live features "
-        "(the `combined+` arms add them to it); `combined-no-distill` (two seeds) is the "
-        "recipe without a dense teacher, the default of the configs.",
+        "(the `combined+` and `combined-no-distill+` arms add them to each); "
+        "`combined-no-distill` (two seeds) is the recipe without a dense teacher, the default "
+        "of the configs.",
         "",
         *_strategy_table(grid),
         "",
