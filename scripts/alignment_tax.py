@@ -50,7 +50,7 @@ SEEDS = (0, 1)  # the dense twin and the combined recipe run with both
 SITES = ("resid", "mlp")
 TAX_MULTIPLES = (1.0, 1.25, 1.5, 2.0, 3.0)  # branch budgets, in units of the dense budget
 DECAY_FRACTION = 0.2  # of the dense budget: every run ends with a linear decay this long
-TAX_KINDS = ("naive", "combined")  # arms continued past the budget unless --tax-all
+TAX_KINDS = ("naive", "combined", "default")  # arms continued past the budget (or --tax-all)
 TRADES = {"b-dec-mean"}  # traded loss for live features on the combined recipe: not in it, an
 # arm of their own adds each to it
 
@@ -116,7 +116,7 @@ class Arm:
     """One configuration of the grid, trained as one or more branches (budget multiples)."""
 
     name: str
-    kind: str  # dense | wide | naive | strategy | combined | recipe | ablation | width
+    kind: str  # dense | wide | naive | strategy | combined | default | recipe | ablation | width
     site: str | None
     model: dict[str, Any]
     strategy: dict[str, Any] = field(default_factory=dict)
@@ -179,7 +179,7 @@ class Grid:
         tax_all: bool = False,
     ) -> None:
         self.scale, self.n, self.out, self.data, self.sets = scale, n, out, data, sets or []
-        self.tax_kinds = ("naive", "strategy", "combined") if tax_all else TAX_KINDS
+        self.tax_kinds = (*TAX_KINDS, "strategy", "recipe", "ablation") if tax_all else TAX_KINDS
         self.vocab_size = TokenData(data).vocab_size
         self.decay = max(1, round(DECAY_FRACTION * n))
         if n - self.decay < 1:
@@ -271,7 +271,15 @@ class Grid:
             )
         for s in SEEDS:  # the configs' default
             arms.append(
-                Arm(f"{site}-combined-no-distill-s{s}", "recipe", site, model, teacherless, s)
+                Arm(
+                    f"{site}-combined-no-distill-s{s}",
+                    "default",
+                    site,
+                    model,
+                    teacherless,
+                    s,
+                    self.tax("default"),
+                )
             )
         for name in kept:  # leave one out of the default recipe
             if name != "distill":
@@ -449,7 +457,7 @@ def selected(arms: list[Arm], only: str | None) -> list[Arm]:
 def train_grid(grid: Grid, arms: list[Arm]) -> None:
     """Budget runs first (dense twins before the rest), then the tax branches, then widths."""
     # headline numbers first
-    order = ("dense", "naive", "combined", "recipe", "ablation", "strategy", "wide")
+    order = ("dense", "naive", "combined", "default", "recipe", "ablation", "strategy", "wide")
     budget = sorted((a for a in arms if a.kind != "width"), key=lambda a: order.index(a.kind))
     branches = [(a, i) for a in budget for i in range(1, len(a.multiples))]
     widths = [a for a in arms if a.kind == "width"]

@@ -230,7 +230,8 @@ def _plot_trade(grid: Grid, site: str, out: Path) -> Path | None:
         "naive": "red",
         "strategy": "tab:blue",
         "combined": "black",
-        "recipe": "green",
+        "default": "green",
+        "recipe": "tab:purple",
         "ablation": "tab:orange",
         "width": "grey",
     }
@@ -267,10 +268,7 @@ def _ablation_table(grid: Grid, site: str) -> list[str]:
     seeds = [
         s
         for a in grid.arms
-        if a.site == site
-        and a.kind == "recipe"
-        and "no-distill-s" in a.name
-        and (s := grid.summary(a, 1.0))
+        if a.site == site and a.kind == "default" and (s := grid.summary(a, 1.0))
     ]
     rows = [a for a in grid.arms if a.site == site and a.kind == "ablation"]
     if not rows:
@@ -358,7 +356,7 @@ def _trades(grid: Grid) -> list[str]:
 def _strategy_table(grid: Grid) -> list[str]:
     lines = ["| arm | [strategy] settings |", "|---|---|"]
     for arm in grid.arms:
-        if arm.kind in ("naive", "strategy", "combined", "recipe", "ablation") and not (
+        if arm.kind in ("naive", "strategy", "combined", "default", "recipe", "ablation") and not (
             arm.name.endswith("-s1")
         ):
             settings = ", ".join(
