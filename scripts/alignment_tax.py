@@ -93,8 +93,9 @@ SCALES = {
         vocab_size=4096,
         note=(
             "a smaller model than the demo's (vocabulary 4096) trained on 0.4 epochs of the "
-            "bundled corpus: small enough that its loss flattens and the whole grid fits in a "
-            "few hours on 2 CPU cores (15k tokens/s for the dense twin)"
+            "bundled corpus, so that the whole grid fits in a few sessions on 2 CPU cores (15k "
+            "tokens/s for the dense twin); the budget check below says how far its loss is "
+            "from flat"
         ),
     ),
     "gpu": Scale(
