@@ -4,8 +4,9 @@ convergence strategies pay it back.
 Trains on the bundled corpus the dense twins (the same architecture without bottlenecks, two
 seeds, and one widened to the bottleneck model's parameter count), naive insertion (every
 strategy off), each strategy alone, the combined recipe (two seeds), the recipe without its
-dense teacher (the configs' default, two seeds) and that recipe less one strategy at a time,
-at resid and at mlp sites, then the default recipe at growing model widths. Protocol
+dense teacher (two seeds) and that recipe less one strategy at a time, the configs' default
+(two seeds: the teacherless recipe less what its leave-one-out runs found costly), at resid and
+at mlp sites, then the default recipe at growing model widths. Protocol
 (DESIGN.md, Metrics): a warm-up/stable/decay lr schedule; the penalty at the dense budget N;
 the alignment tax from decays branched off each bottleneck run's stable phase at 1.25, 1.5, 2
 and 3 times the budget (each branch continues the previous one's stable phase, so a longer
@@ -53,6 +54,9 @@ DECAY_FRACTION = 0.2  # of the dense budget: every run ends with a linear decay 
 TAX_KINDS = ("naive", "combined", "default")  # arms continued past the budget (or --tax-all)
 TRADES = {"b-dec-mean"}  # traded loss for live features on the combined recipe: not in it, an
 # arm of their own adds each to it
+# The configs' default: the combined recipe less its dense teacher and less the strategies
+# whose removal from the teacherless recipe lowered the loss (its leave-one-out rows)
+DEFAULT_DROPS = ("distill", "lr-mult")
 
 
 @dataclass(frozen=True)
@@ -117,7 +121,8 @@ class Arm:
     """One configuration of the grid, trained as one or more branches (budget multiples)."""
 
     name: str
-    kind: str  # dense | wide | naive | strategy | combined | default | recipe | ablation | width
+    kind: str  # dense | wide | naive | strategy | combined | teacherless | ablation | default
+    # | recipe (a trade added to a recipe) | width
     site: str | None
     model: dict[str, Any]
     strategy: dict[str, Any] = field(default_factory=dict)
@@ -180,7 +185,9 @@ class Grid:
         tax_all: bool = False,
     ) -> None:
         self.scale, self.n, self.out, self.data, self.sets = scale, n, out, data, sets or []
-        self.tax_kinds = (*TAX_KINDS, "strategy", "recipe", "ablation") if tax_all else TAX_KINDS
+        every = (*TAX_KINDS, "strategy", "teacherless", "recipe", "ablation")
+        self.tax_kinds = every if tax_all else TAX_KINDS
+        self.default_drops = DEFAULT_DROPS
         self.vocab_size = TokenData(data).vocab_size
         self.decay = max(1, round(DECAY_FRACTION * n))
         if n - self.decay < 1:
@@ -245,6 +252,7 @@ class Grid:
         kept = [name for name in alone if name not in TRADES]
         combined = {**off, **{k: v for name in kept for k, v in alone[name].items()}}
         teacherless = {k: v for k, v in combined.items() if k not in alone["distill"]}
+        dropped = {k for name in DEFAULT_DROPS if name in alone for k in alone[name]}
         arms = [Arm(f"{site}-naive", "naive", site, model, off, multiples=self.tax("naive"))]
         for name, values in alone.items():
             strategy = {**off, **values}
@@ -270,19 +278,14 @@ class Grid:
                     self.tax("combined"),
                 )
             )
-        for s in SEEDS:  # the configs' default
-            arms.append(
-                Arm(
-                    f"{site}-combined-no-distill-s{s}",
-                    "default",
-                    site,
-                    model,
-                    teacherless,
-                    s,
-                    self.tax("default"),
-                )
-            )
-        for name in kept:  # leave one out of the default recipe
+        default = {**off, **{k: v for k, v in teacherless.items() if k not in dropped}}
+        for s in SEEDS:
+            name = f"{site}-combined-no-distill-s{s}"
+            arms.append(Arm(name, "teacherless", site, model, teacherless, s))
+        for s in SEEDS:
+            name = f"{site}-default-s{s}"
+            arms.append(Arm(name, "default", site, model, default, s, self.tax("default")))
+        for name in kept:  # leave one out of the teacherless recipe
             if name != "distill":
                 rest = {k: v for k, v in teacherless.items() if k not in alone[name]}
                 arms.append(
@@ -299,15 +302,13 @@ class Grid:
                 traded = {**recipe, **alone[name]}
                 arms.append(Arm(f"{site}-{label}+{name}", "recipe", site, model, traded))
         for d in self.scale.widths:  # the default recipe, wider
-            arms.append(
-                Arm(f"{site}-combined-no-distill-d{d}", "width", site, widen(model, d), teacherless)
-            )
+            arms.append(Arm(f"{site}-default-d{d}", "width", site, widen(model, d), default))
         return arms
 
     def width_ladder(self, site: str) -> list[Arm]:
         """The default recipe (seed 0) at the scale's width, then at each wider d_model."""
         wider = [a for a in self.arms if a.kind == "width" and a.site == site]
-        return [self.arm(f"{site}-combined-no-distill-s0"), *wider]
+        return [self.arm(f"{site}-default-s0"), *wider]
 
     def tax(self, kind: str) -> tuple[float, ...]:
         """Branch budgets of an arm of this kind: continued past the budget, or not."""
@@ -458,7 +459,17 @@ def selected(arms: list[Arm], only: str | None) -> list[Arm]:
 def train_grid(grid: Grid, arms: list[Arm]) -> None:
     """Budget runs first (dense twins before the rest), then the tax branches, then widths."""
     # headline numbers first
-    order = ("dense", "naive", "combined", "default", "recipe", "ablation", "strategy", "wide")
+    order = (
+        "dense",
+        "naive",
+        "combined",
+        "default",
+        "teacherless",
+        "recipe",
+        "ablation",
+        "strategy",
+        "wide",
+    )
     budget = sorted((a for a in arms if a.kind != "width"), key=lambda a: order.index(a.kind))
     branches = [(a, i) for a in budget for i in range(1, len(a.multiples))]
     widths = [a for a in arms if a.kind == "width"]

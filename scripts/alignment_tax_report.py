@@ -231,6 +231,7 @@ def _plot_trade(grid: Grid, site: str, out: Path) -> Path | None:
         "strategy": "tab:blue",
         "combined": "black",
         "default": "green",
+        "teacherless": "tab:cyan",
         "recipe": "tab:purple",
         "ablation": "tab:orange",
         "width": "grey",
@@ -268,7 +269,7 @@ def _ablation_table(grid: Grid, site: str) -> list[str]:
     seeds = [
         s
         for a in grid.arms
-        if a.site == site and a.kind == "default" and (s := grid.summary(a, 1.0))
+        if a.site == site and a.kind == "teacherless" and (s := grid.summary(a, 1.0))
     ]
     rows = [a for a in grid.arms if a.site == site and a.kind == "ablation"]
     if not rows:
@@ -348,6 +349,11 @@ def _findings(page: Path) -> list[str]:
     return text[start : end + len(FINDINGS[1])].split("\n")
 
 
+def _default_extra_drops(grid: Grid) -> str:
+    """The strategies the default recipe leaves out besides distillation."""
+    return ", ".join(d for d in grid.default_drops if d != "distill")
+
+
 def _trades(grid: Grid) -> list[str]:
     """Strategies left out of the combined recipe (each has a `combined+NAME` arm)."""
     return sorted({a.name.split("combined+")[1] for a in grid.arms if "combined+" in a.name})
@@ -356,9 +362,7 @@ def _trades(grid: Grid) -> list[str]:
 def _strategy_table(grid: Grid) -> list[str]:
     lines = ["| arm | [strategy] settings |", "|---|---|"]
     for arm in grid.arms:
-        if arm.kind in ("naive", "strategy", "combined", "default", "recipe", "ablation") and not (
-            arm.name.endswith("-s1")
-        ):
+        if arm.kind not in ("dense", "wide", "width") and not (arm.name.endswith("-s1")):
             settings = ", ".join(
                 f"{k} = {v}" for k, v in arm.strategy.items() if k != "teacher_run"
             )
@@ -435,7 +439,7 @@ def write_results(grid: Grid, scale_name: str, command: str, page: Path, img_dir
         "",
         "## Leave one out of the default recipe",
         "",
-        "The configs' default (`combined-no-distill`) less one strategy at a time, one seed; "
+        "The teacherless recipe (`combined-no-distill`) less one strategy at a time, one seed; "
         "`vs recipe` is against the mean of the recipe's two seeds (their spread is the noise "
         "to read these against). The scatter plots put every bottleneck arm on both targets "
         "at once.",
@@ -452,8 +456,9 @@ def write_results(grid: Grid, scale_name: str, command: str, page: Path, img_dir
         "transpose); each other arm turns one on; the combined recipe turns on all that apply "
         f"except {', '.join(_trades(grid))}, which trade validation loss for live features "
         "(the `combined+` and `combined-no-distill+` arms add them to each); "
-        "`combined-no-distill` (two seeds) is the recipe without a dense teacher, the default "
-        "of the configs.",
+        "`combined-no-distill` (two seeds) is the recipe without a dense teacher; `default` (two "
+        f"seeds, the configs' recipe) also leaves out {_default_extra_drops(grid)}, whose "
+        "leave-one-out row shows it costs loss.",
         "",
         *_strategy_table(grid),
         "",

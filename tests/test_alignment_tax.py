@@ -44,7 +44,7 @@ def test_a_longer_branch_equals_a_straight_run_of_its_length(tmp_path, data_dir)
     assert (tmp_path / "img" / "resid-trade.png").is_file()
 
 
-def test_each_leave_one_out_arm_is_the_default_recipe_less_one_strategy(tmp_path, data_dir):
+def test_leave_one_out_arms_and_the_default_recipe(tmp_path, data_dir):
     grid = Grid(SCALES["smoke"], 10, tmp_path / "runs", data_dir)
     recipe = grid.arm("resid-combined-no-distill-s0").strategy
     assert "teacher_run" not in recipe and recipe["unit_norm_decoder"] is True
@@ -55,10 +55,10 @@ def test_each_leave_one_out_arm_is_the_default_recipe_less_one_strategy(tmp_path
     ablations = {a.name for a in grid.arms if a.kind == "ablation"}
     assert "resid-combined-no-distill-no-distill" not in ablations
     assert "mlp-combined-no-distill-no-auxk" not in ablations  # AuxK is a resid strategy here
-    assert [a.name for a in grid.width_ladder("mlp")][:2] == [
-        "mlp-combined-no-distill-s0",
-        "mlp-combined-no-distill-d40",
-    ]
+    default = grid.arm("resid-default-s1").strategy
+    assert default == {k: v for k, v in recipe.items() if k != "bottleneck_lr_mult"}
+    assert grid.arm("resid-default-s1").seed == 1
+    assert [a.name for a in grid.width_ladder("mlp")][:2] == ["mlp-default-s0", "mlp-default-d40"]
 
 
 def test_the_hand_written_findings_survive_a_rewrite_of_the_page(tmp_path, data_dir):
