@@ -249,52 +249,45 @@ class Grid:
             for name, (where, values) in strategies(self.scale, self.n, teacher).items()
             if site in where
         }
+
+        def less(recipe: dict[str, Any], *names: str) -> dict[str, Any]:
+            keys = {k for name in names if name in alone for k in alone[name]}
+            return {**off, **{k: v for k, v in recipe.items() if k not in keys}}
+
         kept = [name for name in alone if name not in TRADES]
         combined = {**off, **{k: v for name in kept for k, v in alone[name].items()}}
-        teacherless = {k: v for k, v in combined.items() if k not in alone["distill"]}
-        dropped = {k for name in DEFAULT_DROPS if name in alone for k in alone[name]}
+        teacherless = less(combined, "distill")
+        default = less(teacherless, *DEFAULT_DROPS)
         arms = [Arm(f"{site}-naive", "naive", site, model, off, multiples=self.tax("naive"))]
         for name, values in alone.items():
-            strategy = {**off, **values}
             arms.append(
                 Arm(
                     f"{site}-{name}",
                     "strategy",
                     site,
                     model,
-                    strategy,
+                    {**off, **values},
                     multiples=self.tax("strategy"),
                 )
             )
-        for s in SEEDS:
-            arms.append(
-                Arm(
-                    f"{site}-combined-s{s}",
-                    "combined",
-                    site,
-                    model,
-                    combined,
-                    s,
-                    self.tax("combined"),
-                )
-            )
-        default = {**off, **{k: v for k, v in teacherless.items() if k not in dropped}}
-        for s in SEEDS:
-            name = f"{site}-combined-no-distill-s{s}"
-            arms.append(Arm(name, "teacherless", site, model, teacherless, s))
-        for s in SEEDS:
-            name = f"{site}-default-s{s}"
-            arms.append(Arm(name, "default", site, model, default, s, self.tax("default")))
+        recipes = (
+            ("combined", "combined", combined),
+            ("teacherless", "combined-no-distill", teacherless),
+            ("default", "default", default),
+        )
+        for kind, label, recipe in recipes:
+            for s in SEEDS:
+                name = f"{site}-{label}-s{s}"
+                arms.append(Arm(name, kind, site, model, recipe, s, self.tax(kind)))
         for name in kept:  # leave one out of the teacherless recipe
             if name != "distill":
-                rest = {k: v for k, v in teacherless.items() if k not in alone[name]}
                 arms.append(
                     Arm(
                         f"{site}-combined-no-distill-no-{name}",
                         "ablation",
                         site,
                         model,
-                        {**off, **rest},
+                        less(teacherless, name),
                     )
                 )
         for name in sorted(TRADES & alone.keys()):  # both recipes with it, for the trade
