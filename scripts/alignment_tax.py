@@ -52,6 +52,9 @@ SITES = ("resid", "mlp")
 TAX_MULTIPLES = (1.0, 1.25, 1.5, 2.0, 3.0)  # branch budgets, in units of the dense budget
 DECAY_FRACTION = 0.2  # of the dense budget: every run ends with a linear decay this long
 TAX_KINDS = ("naive", "combined", "default")  # arms continued past the budget (or --tax-all)
+# continued to the last branch even once they reach the dense loss: the dense twin (is its loss
+# flat?) and the default recipe (does its penalty shrink or grow with more tokens?)
+CONTINUED_IN_FULL = ("dense", "default")
 TRADES = {"b-dec-mean"}  # traded loss for live features on the combined recipe: not in it, an
 # arm of their own adds each to it
 # The configs' default: the combined recipe less its dense teacher and less the strategies
@@ -477,7 +480,7 @@ def train_grid(grid: Grid, arms: list[Arm]) -> None:
             bar.update()
         for arm, index in branches:
             run_dir = grid.branch_dir(arm, arm.multiples[index])
-            if arm.kind != "dense" and grid.reached(arm, index):
+            if arm.kind not in CONTINUED_IN_FULL and grid.reached(arm, index):
                 if not (run_dir / "metrics.jsonl").exists():  # seeded, no longer needed
                     shutil.rmtree(run_dir, ignore_errors=True)
             elif grid.summary(arm, arm.multiples[index - 1]) and grid.dense_loss() is not None:

@@ -264,6 +264,33 @@ def _plot_trade(grid: Grid, site: str, out: Path) -> Path | None:
     return out
 
 
+def _longer_budgets(grid: Grid) -> list[str]:
+    """Each continued arm's final loss at every budget multiple, against dense-s0's own loss
+    at the same multiple: whether the penalty shrinks or grows with more tokens."""
+    dense = grid.arm("dense-s0")
+    reference = {m: s["val_loss"] for m in dense.multiples if (s := grid.summary(dense, m))}
+    arms = [a for a in grid.arms if len(a.multiples) > 1 and grid.summary(a, a.multiples[1])]
+    if len(reference) < 2 or not arms:
+        return ["No arm has been continued past the budget yet.", ""]
+    lines = [
+        "| run | " + " | ".join(f"{m:g}×" for m in grid.arm("dense-s0").multiples) + " |",
+        "|---|" + "---|" * len(grid.arm("dense-s0").multiples),
+    ]
+    for arm in arms:
+        cells = []
+        for m in grid.arm("dense-s0").multiples:
+            summary = grid.summary(arm, m) if m in arm.multiples else None
+            if summary is None:
+                cells.append("–")
+            elif arm is dense:
+                cells.append(f"{summary['val_loss']:.4f}")
+            else:
+                pen = _penalty(summary["val_loss"], reference.get(m))
+                cells.append(f"{summary['val_loss']:.4f} ({pen})")
+        lines.append(f"| {arm.name} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def _ablation_table(grid: Grid, site: str) -> list[str]:
     """The default recipe less one strategy: its loss and dead features against the recipe's."""
     seeds = [
@@ -430,6 +457,14 @@ def write_results(grid: Grid, scale_name: str, command: str, page: Path, img_dir
         "|---|---|---|---|---|---|---|---|---|---|---|",
         *(_row(grid, a) for a in grid.arms if a.kind != "width"),
         "",
+        "## Longer budgets",
+        "",
+        "Final validation loss of every continued run at each budget multiple (each decayed "
+        "from the previous one's stable phase), with its penalty against dense-s0 continued "
+        "the same way: whether more tokens close or widen the gap. A run stops being "
+        "continued once it reaches the dense twins' loss at the budget.",
+        "",
+        *_longer_budgets(grid),
         "## Width that offsets the penalty",
         "",
         "The combined recipe at growing d_model (d_ff scaled alike), until one reaches the dense "
