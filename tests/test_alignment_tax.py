@@ -36,10 +36,17 @@ def test_a_longer_branch_equals_a_straight_run_of_its_length(tmp_path, data_dir)
     assert not (branch / "checkpoints").exists() or not any((branch / "checkpoints").iterdir())
     assert (grid.branch_dir(arm, 1.0) / "checkpoints" / "step_10").is_dir()
 
-    grid.train_branch(grid.arm("dense-s1"), 0)  # a dense loss to put the penalties against
+    dense = grid.arm("dense-s0")  # the loss to put penalties against, at 1× and 1.25×
+    grid.train_branch(dense, 0)
+    grid.train_branch(dense, 1)
     page = write_results(grid, "smoke", "cmd", tmp_path / "docs" / "results.md", tmp_path / "img")
     text = page.read_text()
-    assert "| resid-naive | resid | done | " in text and "| dense-s0 | – | not run |" in text
+    assert "| resid-naive | resid | done | " in text and "| dense-s1 | – | not run |" in text
+    cells = []
+    for multiple in (1.0, 1.25):
+        loss, ref = (grid.summary(a, multiple)["val_loss"] for a in (arm, dense))
+        cells.append(f"{loss:.4f} ({100 * (loss - ref) / ref:+.2f}%)")
+    assert f"| resid-naive | {cells[0]} | {cells[1]} | – | – | – |" in text
     assert "![resid sites](../img/resid.png)" in text and (tmp_path / "img" / "resid.png").is_file()
     assert (tmp_path / "img" / "resid-trade.png").is_file()
 
