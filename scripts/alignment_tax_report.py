@@ -404,7 +404,9 @@ def write_results(grid: Grid, scale_name: str, command: str, page: Path, img_dir
     cfg = grid.run_config(grid.arms[0])
     tokens = n * cfg.train.batch_size * cfg.model.context
     low, high = estimate_hours(grid)
-    done = sum(grid.summary(a, 1.0) is not None for a in grid.arms)
+    planned = [a for a in grid.arms if a.kind != "width"]
+    done = sum(grid.summary(a, 1.0) is not None for a in planned)
+    widths = sum(grid.summary(a, 1.0) is not None for a in grid.arms if a.kind == "width")
     lines = [
         "# Results: the alignment tax of joint bottlenecks",
         "",
@@ -429,7 +431,8 @@ def write_results(grid: Grid, scale_name: str, command: str, page: Path, img_dir
         f"Arms continued: {', '.join(grid.tax_kinds)} (`--tax-all` continues every one).",
         f"- **Dense budget check:** {_dense_flatness(grid)}",
         f"- **Machine:** {_machine()}. Training time so far: {_wall_time(grid)}; "
-        f"{done} of {len(grid.arms)} budget runs finished.",
+        f"{done} of {len(planned)} budget runs finished, and {widths} wider model(s) of the "
+        "width search (it stops at the first width that reaches the dense loss).",
         f"- **Estimated run time of the whole grid** on 2 CPU cores: {_hours(low)} to "
         f"{_hours(high)} "
         "(calibration of issue 4: 300 steps of the demo model in 5–10 min, bottleneck steps "
