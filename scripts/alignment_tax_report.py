@@ -465,17 +465,18 @@ def write_results(grid: Grid, scale_name: str, command: str, page: Path, img_dir
         "Final validation loss of every continued run at each budget multiple (each decayed "
         "from the previous one's stable phase), with its penalty against dense-s0 continued "
         "the same way: whether more tokens close or widen the gap. A run stops being "
-        "continued once it reaches the dense twins' loss at the budget.",
+        "continued once it reaches the dense twins' loss at the budget, except the dense twin "
+        "and the default recipe, which go to the last branch.",
         "",
         *_longer_budgets(grid),
         "## Width that offsets the penalty",
         "",
-        "The combined recipe at growing d_model (d_ff scaled alike), until one reaches the dense "
+        "The default recipe at growing d_model (d_ff scaled alike), until one reaches the dense "
         "twin's loss at the same budget:",
         "",
         *(f"- {_width_search(grid, site)}" for site in scale.sites),
         "",
-        "## Leave one out of the default recipe",
+        "## Leave one out of the teacherless recipe",
         "",
         "The teacherless recipe (`combined-no-distill`) less one strategy at a time, one seed; "
         "`vs recipe` is against the mean of the recipe's two seeds (their spread is the noise "
