@@ -11,7 +11,8 @@ at mlp sites, then the default recipe at growing model widths. Protocol
 the alignment tax from decays branched off each bottleneck run's stable phase at 1.25, 1.5, 2
 and 3 times the budget (each branch continues the previous one's stable phase, so a longer
 run is a fair continuation), stopping once a branch reaches the dense twin's loss; the dense
-twin itself continues the same way, to show whether its loss has flattened at N. Rerunning
+twin and the default recipe go to the last branch, to show whether the twin's loss has
+flattened at N and how the default's penalty moves with more tokens. Rerunning
 the command skips finished runs and resumes unfinished ones; docs/results.md is rewritten
 from whatever has finished.
 
