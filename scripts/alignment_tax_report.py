@@ -80,10 +80,15 @@ def _tokens_per_s(run_dir: Path) -> float | None:
     return statistics.median(v for _, v in points) if points else None
 
 
+def _change(value: float, reference: float) -> float:
+    """Relative change from reference, in percent."""
+    return 100 * (value - reference) / reference
+
+
 def _penalty(loss: float | None, reference: float | None) -> str:
     if loss is None or reference is None:
         return "–"
-    return f"{100 * (loss - reference) / reference:+.2f}%"
+    return f"{_change(loss, reference):+.2f}%"
 
 
 def _loss(grid: Grid, name: str) -> float | None:
@@ -145,7 +150,7 @@ def _dense_flatness(grid: Grid) -> str:
     curve = dict(read_metrics(grid.branch_dir(arm, 1.0))["val/loss"])
     stable_end = grid.n - grid.decay
     earlier = min(curve, key=lambda s: abs(s - stable_end * 2 // 3))
-    drop = 100 * (curve[earlier] - curve[stable_end]) / curve[earlier]
+    drop = -_change(curve[stable_end], curve[earlier])
     text = (
         f"dense-s0 validation loss: {curve[earlier]:.4f} at step {earlier}, "
         f"{curve[stable_end]:.4f} at the end of the stable phase (step {stable_end}), "
@@ -157,9 +162,7 @@ def _dense_flatness(grid: Grid) -> str:
         final = curve[grid.n]
         text += (
             " Continued and decayed later, the same twin ends at "
-            + ", ".join(
-                f"{loss:.4f} ({100 * (loss - final) / final:+.2f}%) at {m:g}×" for m, loss in longer
-            )
+            + ", ".join(f"{loss:.4f} ({_penalty(loss, final)}) at {m:g}×" for m, loss in longer)
             + " the budget."
         )
     return text
@@ -239,7 +242,7 @@ def _plot_trade(grid: Grid, site: str, out: Path) -> Path | None:
     for arm, summary in points:
         dead = [v["dead_frac"] for v in summary["sites"].values()]
         x = 100 * sum(dead) / len(dead)
-        y = 100 * (summary["val_loss"] - dense) / dense
+        y = _change(summary["val_loss"], dense)
         ax.scatter(x, y, color=colors[arm.kind], s=25)
         ax.annotate(
             arm.name.removeprefix(f"{site}-"),
@@ -273,12 +276,12 @@ def _longer_budgets(grid: Grid) -> list[str]:
     if len(reference) < 2 or not arms:
         return ["No arm has been continued past the budget yet.", ""]
     lines = [
-        "| run | " + " | ".join(f"{m:g}×" for m in grid.arm("dense-s0").multiples) + " |",
-        "|---|" + "---|" * len(grid.arm("dense-s0").multiples),
+        "| run | " + " | ".join(f"{m:g}×" for m in dense.multiples) + " |",
+        "|---|" + "---|" * len(dense.multiples),
     ]
     for arm in arms:
         cells = []
-        for m in grid.arm("dense-s0").multiples:
+        for m in dense.multiples:
             summary = grid.summary(arm, m) if m in arm.multiples else None
             if summary is None:
                 cells.append("–")
@@ -292,7 +295,7 @@ def _longer_budgets(grid: Grid) -> list[str]:
 
 
 def _ablation_table(grid: Grid, site: str) -> list[str]:
-    """The default recipe less one strategy: its loss and dead features against the recipe's."""
+    """The teacherless recipe less one strategy: loss and dead features against the recipe's."""
     seeds = [
         s
         for a in grid.arms
@@ -389,7 +392,7 @@ def _trades(grid: Grid) -> list[str]:
 def _strategy_table(grid: Grid) -> list[str]:
     lines = ["| arm | [strategy] settings |", "|---|---|"]
     for arm in grid.arms:
-        if arm.kind not in ("dense", "wide", "width") and not (arm.name.endswith("-s1")):
+        if arm.kind not in ("dense", "wide", "width") and not arm.name.endswith("-s1"):
             settings = ", ".join(
                 f"{k} = {v}" for k, v in arm.strategy.items() if k != "teacher_run"
             )
