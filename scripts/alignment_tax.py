@@ -13,8 +13,11 @@ and 3 times the budget (each branch continues the previous one's stable phase, s
 run is a fair continuation), stopping once a branch reaches the dense twin's loss; the dense
 twin and the default recipe go to the last branch, to show whether the twin's loss has
 flattened at N and how the default's penalty moves with more tokens. Rerunning
-the command skips finished runs and resumes unfinished ones; docs/results.md is rewritten
-from whatever has finished.
+the command skips finished runs and resumes unfinished ones; each finished branch is also
+recorded (summary, wall time, the curves the page reads) under docs/results-runs/SCALE, kept in
+git, so that a fresh clone resumes the grid where the last session left it and regenerates the
+page without the run folders. The page (docs/results.md for the headline scale,
+docs/results-SCALE.md for the others) is rewritten from whatever has finished.
 
     python scripts/alignment_tax.py                                  # the CPU grid (hours)
     python scripts/alignment_tax.py --scale smoke --budget-steps 20 --data /tmp/prepared
@@ -106,6 +109,21 @@ SCALES = {
             "from flat"
         ),
     ),
+    "small": Scale(
+        model={"n_layers": 2, "d_model": 64, "n_heads": 4, "d_ff": 256, "context": 128},
+        sites={"resid": [(0, 1024, 32)], "mlp": [(0, 256, 32)]},
+        train={"batch_size": 32, "lr": 3e-3, "eval_batches": 8, "threads": 1},
+        budget_steps=1200,
+        dead_tokens=200_000,
+        k_aux=128,
+        widths=(72, 80, 96),
+        vocab_size=4096,
+        note=(
+            "a two-block model trained longer than `cpu` (0.8 epochs of the bundled corpus at "
+            "the budget, 2.4 at 3×), so that its dense twin is nearer flat; one thread a run, "
+            "so that two runs share the 2 cores (`--only` splits the grid between processes)"
+        ),
+    ),
     "gpu": Scale(
         model={"n_layers": 12, "d_model": 768, "n_heads": 12, "d_ff": 3072, "context": 1024},
         sites={"resid": [(4, 32768, 64), (8, 32768, 64)], "mlp": [(4, 3072, 64), (8, 3072, 64)]},
@@ -118,6 +136,9 @@ SCALES = {
         note="GPT-2 small; needs a corpus far larger than the bundled one (--data)",
     ),
 }
+
+
+HEADLINE = "cpu"  # the default --scale, whose page is docs/results.md
 
 
 @dataclass(frozen=True)
@@ -187,8 +208,10 @@ class Grid:
         data: Path,
         sets: list[str] | None = None,
         tax_all: bool = False,
+        records: Path | None = None,
     ) -> None:
         self.scale, self.n, self.out, self.data, self.sets = scale, n, out, data, sets or []
+        self.records = records  # finished branches' summaries and curves, kept in the repository
         every = (*TAX_KINDS, "strategy", "teacherless", "recipe", "ablation")
         self.tax_kinds = every if tax_all else TAX_KINDS
         self.default_drops = DEFAULT_DROPS
@@ -321,13 +344,46 @@ class Grid:
         """Run directory of one branch of an arm."""
         return self.out / arm.name / branch_name(multiple)
 
+    def record_dir(self, arm: Arm, multiple: float) -> Path | None:
+        """Where a finished branch is recorded in the repository (None: no records kept)."""
+        return None if self.records is None else self.records / arm.name / branch_name(multiple)
+
+    def finished_dir(self, arm: Arm, multiple: float) -> Path | None:
+        """The folder holding a branch that has finished its decay: its run folder, else its
+        record (which outlives the run folder); None while it is unfinished."""
+        for folder in (self.branch_dir(arm, multiple), self.record_dir(arm, multiple)):
+            if folder is not None and finished_summary(folder, self.total_steps(multiple)):
+                return folder
+        return None
+
+    def metrics_dir(self, arm: Arm, multiple: float) -> Path | None:
+        """The folder to read a branch's curves from: finished, or still running, or None."""
+        run_dir = self.branch_dir(arm, multiple)
+        if (folder := self.finished_dir(arm, multiple)) is not None:
+            return folder
+        return run_dir if (run_dir / "metrics.jsonl").is_file() else None
+
     def summary(self, arm: Arm, multiple: float) -> dict[str, Any] | None:
-        """The branch's summary.json once it has finished its decay, else None."""
-        path = self.branch_dir(arm, multiple) / "summary.json"
-        if not path.is_file():
-            return None
-        summary = json.loads(path.read_text())
-        return summary if summary["step"] == self.total_steps(multiple) else None
+        """The branch's summary once it has finished its decay, else None."""
+        folder = self.finished_dir(arm, multiple)
+        return None if folder is None else finished_summary(folder, self.total_steps(multiple))
+
+    def record(self, arm: Arm, multiple: float) -> None:
+        """Record a branch whose run folder has finished, unless its record already exists."""
+        run_dir, record = self.branch_dir(arm, multiple), self.record_dir(arm, multiple)
+        steps = self.total_steps(multiple)
+        if (
+            record is not None
+            and finished_summary(run_dir, steps)
+            and not finished_summary(record, steps)
+        ):
+            record_branch(run_dir, record)
+
+    def record_finished(self) -> None:
+        """Record every finished run folder that has no record yet (runs of earlier versions)."""
+        for arm in self.arms:
+            for multiple in arm.multiples:
+                self.record(arm, multiple)
 
     def run_config(self, arm: Arm) -> RunConfig:
         """The full config of a fresh run of this arm (steps are set per phase)."""
@@ -354,12 +410,15 @@ class Grid:
 
     # ----- training -----------------------------------------------------------------------
 
-    def train_branch(self, arm: Arm, index: int) -> None:
-        """Stable phase up to the decay start (seeding the next branch there), then the decay."""
+    def train_branch(self, arm: Arm, index: int, rerun: bool = False) -> None:
+        """Stable phase up to the decay start (seeding the next branch there), then the decay.
+        A branch seeded by nobody (its previous one is only recorded) trains its stable phase
+        from step 0, the same run as the previous branch's; `rerun` retrains a recorded one."""
         multiple = arm.multiples[index]
         run_dir = self.branch_dir(arm, multiple)
         total = self.total_steps(multiple)
-        if self.summary(arm, multiple) is not None:
+        done = finished_summary(run_dir, total) if rerun else self.summary(arm, multiple)
+        if done is not None:
             return  # finished (its checkpoints may be gone)
         start = total - self.decay
         if checkpoint_step(run_dir) < start:
@@ -370,6 +429,18 @@ class Grid:
         keep = 1 if index == 0 else 0  # the budget run's model stays (the distillation teacher)
         for old in list_checkpoints(run_dir)[: len(list_checkpoints(run_dir)) - keep]:
             shutil.rmtree(old)
+        self.record(arm, multiple)
+
+    def teacher_ready(self) -> bool:
+        """Train the distillation teacher (dense-s0's budget run) where only its record is left;
+        False while dense-s0 has not finished at all."""
+        dense = self.arm("dense-s0")
+        if self.summary(dense, 1.0) is None:
+            return False
+        if latest_checkpoint(self.branch_dir(dense, 1.0)) is None:
+            tqdm.write("dense-s0: retraining the distillation teacher (only its record is here)")
+            self.train_branch(dense, 0, rerun=True)
+        return True
 
     def _train(self, arm: Arm, run_dir: Path, steps: int, decay_fraction: float) -> None:
         over = [f"train.steps={steps}", f"train.decay_fraction={decay_fraction!r}"]
@@ -409,6 +480,33 @@ class Grid:
 def branch_name(multiple: float) -> str:
     """Folder name of the branch ending at `multiple` times the dense budget."""
     return f"x{multiple:.2f}"
+
+
+def finished_summary(folder: Path, steps: int) -> dict[str, Any] | None:
+    """The summary.json in `folder` when it is that of a run finished at `steps`, else None."""
+    path = folder / "summary.json"
+    if not path.is_file():
+        return None
+    summary = json.loads(path.read_text())
+    return summary if summary["step"] == steps else None
+
+
+RECORDED = ("val/loss", "train/loss", "train/tokens_per_s")  # the curves the page reads
+
+
+def record_branch(run_dir: Path, record: Path) -> None:
+    """Copy a finished branch's summary, wall time and the curves the page reads into its
+    record (atomically): the grid resumes from records on a machine without the run folders."""
+    with atomic_dir(record) as tmp:
+        for name in ("summary.json", "timing.json"):
+            if (run_dir / name).is_file():
+                shutil.copyfile(run_dir / name, tmp / name)
+        kept = []
+        for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
+            values = {k: v for k, v in json.loads(line).items() if k in RECORDED}
+            if values:
+                kept.append(json.dumps({"step": json.loads(line)["step"], **values}))
+        (tmp / "metrics.jsonl").write_text("\n".join(kept) + "\n", encoding="utf-8")
 
 
 def checkpoint_step(run_dir: Path) -> int:
@@ -473,9 +571,10 @@ def train_grid(grid: Grid, arms: list[Arm]) -> None:
     bar = tqdm(total=len(budget) + len(branches) + len(widths), desc="grid", unit="run")
     try:
         for arm in budget:
-            if arm.strategy.get("teacher_run") and grid.summary(grid.arm("dense-s0"), 1.0) is None:
+            todo = grid.summary(arm, 1.0) is None
+            if todo and arm.strategy.get("teacher_run") and not grid.teacher_ready():
                 tqdm.write(f"{arm.name}: skipped until its teacher dense-s0 has finished")
-            elif grid.summary(arm, 1.0) is None:
+            elif todo:
                 bar.set_postfix_str(arm.name)
                 grid.train_branch(arm, 0)
             bar.update()
@@ -507,7 +606,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         epilog="\n\n".join(__doc__.split("\n\n")[1:]),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--scale", choices=SCALES, default="cpu", help="grid size (default cpu)")
+    p.add_argument(
+        "--scale", choices=SCALES, default=HEADLINE, help=f"grid size (default {HEADLINE})"
+    )
     p.add_argument("--budget-steps", type=int, help="the dense budget N in steps (scale default)")
     p.add_argument("--only", help="train only arms matching these comma-separated patterns")
     p.add_argument(
@@ -522,8 +623,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="continue every bottleneck arm past the budget (default: naive and combined only)",
     )
     p.add_argument("--out", type=Path, help="run folders (default runs/alignment_tax/SCALE)")
-    p.add_argument("--results", type=Path, default=Path("docs/results.md"), help="the page")
-    p.add_argument("--img-dir", type=Path, default=Path("docs/img/results"), help="its plots")
+    p.add_argument(
+        "--results",
+        type=Path,
+        help=f"the page (default docs/results.md for --scale {HEADLINE}, else "
+        "docs/results-SCALE.md)",
+    )
+    p.add_argument("--img-dir", type=Path, help="its plots (default docs/img/results/SCALE)")
+    p.add_argument(
+        "--records",
+        type=Path,
+        help="finished branches' summaries and curves, kept in git so that the grid resumes "
+        "and the page regenerates on a machine without the run folders "
+        "(default docs/results-runs/SCALE)",
+    )
     p.add_argument("--report-only", action="store_true", help="rewrite the page, train nothing")
     p.add_argument(
         "--set",
@@ -557,15 +670,24 @@ def main(argv: list[str] | None = None) -> int:
     scale = SCALES[args.scale]
     n = args.budget_steps or scale.budget_steps
     out = args.out or Path("runs/alignment_tax") / args.scale
+    page = args.results or Path(
+        "docs/results.md" if args.scale == HEADLINE else f"docs/results-{args.scale}.md"
+    )
+    img_dir = args.img_dir or Path("docs/img/results") / args.scale
+    records = args.records or Path("docs/results-runs") / args.scale
     try:
         data = args.data or default_data(scale)
-        grid = Grid(scale, n, out, data, args.set, args.tax_all)
+        grid = Grid(scale, n, out, data, args.set, args.tax_all, records)
         command = grid_command(args)
         try:
             if not args.report_only:
                 train_grid(grid, selected(grid.arms, args.only))
         finally:  # also after a stop: the page shows what has finished so far
-            print(f"wrote {write_results(grid, args.scale, command, args.results, args.img_dir)}")
+            grid.record_finished()
+            if page.is_file() and not any(grid.summary(a, 1.0) for a in grid.arms):
+                print(f"kept {page}: no run of this grid has finished here or in {records}")
+            else:
+                print(f"wrote {write_results(grid, args.scale, command, page, img_dir)}")
     except UserError as exc:
         print(f"alignment_tax: error: {exc}", file=sys.stderr)
         return 2

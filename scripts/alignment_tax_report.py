@@ -60,8 +60,8 @@ def _tax(grid: Grid, arm: Arm) -> str:
 def _status(grid: Grid, arm: Arm) -> str:
     if grid.summary(arm, 1.0) is not None:
         return "done"
-    run_dir = grid.branch_dir(arm, 1.0)
-    if not (run_dir / "metrics.jsonl").is_file():
+    run_dir = grid.metrics_dir(arm, 1.0)
+    if run_dir is None:
         return "not run"
     step = max((s for s, _ in read_metrics(run_dir).get("train/loss", [])), default=0)
     return f"unfinished ({step}/{grid.n})"
@@ -105,7 +105,7 @@ def _row(grid: Grid, arm: Arm) -> str:
     wide = _loss(grid, grid.wide_twin(arm.site)) if arm.site else None
     if arm.site and grid.wide_twin(arm.site) == "dense-s0":
         wide = dense  # the parameter-matched twin is the dense twin itself
-    speed = _tokens_per_s(grid.branch_dir(arm, 1.0))
+    speed = _tokens_per_s(grid.finished_dir(arm, 1.0))
     cells = [
         arm.name,
         site,
@@ -147,7 +147,7 @@ def _dense_flatness(grid: Grid) -> str:
     arm = grid.arm("dense-s0")
     if grid.summary(arm, 1.0) is None:
         return "dense-s0 has not finished: the flatness of its loss at this budget is unknown."
-    curve = dict(read_metrics(grid.branch_dir(arm, 1.0))["val/loss"])
+    curve = dict(read_metrics(grid.finished_dir(arm, 1.0))["val/loss"])
     stable_end = grid.n - grid.decay
     earlier = min(curve, key=lambda s: abs(s - stable_end * 2 // 3))
     drop = -_change(curve[stable_end], curve[earlier])
@@ -179,13 +179,13 @@ def _plot_site(grid: Grid, site: str, out: Path) -> Path | None:
         for a in grid.arms
         if a.kind in ("dense", "wide") or (a.site == site and a.kind not in ("width", "ablation"))
     ]
-    arms = [a for a in arms if (grid.branch_dir(a, 1.0) / "metrics.jsonl").is_file()]
+    arms = [a for a in arms if grid.metrics_dir(a, 1.0) is not None]
     if not arms:
         return None
     fig, (curves, tax) = plt.subplots(1, 2, figsize=(13, 4.8))
     finals = []
     for arm in arms:
-        points = read_metrics(grid.branch_dir(arm, 1.0)).get("val/loss", [])
+        points = read_metrics(grid.metrics_dir(arm, 1.0)).get("val/loss", [])
         steps, losses = zip(*points, strict=True)
         style = {
             "dense": {"lw": 2.2, "color": "black", "ls": "-" if arm.seed == 0 else ":"},
@@ -349,8 +349,10 @@ def _machine() -> str:
 
 
 def _wall_time(grid: Grid) -> str:
-    files = grid.out.glob("*/x*/timing.json")
-    return _hours(sum(json.loads(f.read_text())["seconds"] for f in files) / 3600)
+    folders = [grid.metrics_dir(arm, m) for arm in grid.arms for m in arm.multiples]
+    files = [f / "timing.json" for f in folders if f is not None]
+    seconds = sum(json.loads(f.read_text())["seconds"] for f in files if f.is_file())
+    return _hours(seconds / 3600)
 
 
 def _hours(hours: float) -> str:

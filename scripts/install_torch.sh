@@ -10,8 +10,8 @@ if "$PY" -c "import torch" 2>/dev/null; then
 fi
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     "$PY" -m pip install -q "torch==${TORCH_VERSION}"            # PyPI's default build (CUDA)
-elif "$PY" -m pip install -q --no-index "torch==${TORCH_VERSION}" 2>/dev/null; then
-    :                                                             # a local CPU wheel (find-links)
+elif "$PY" -m pip install -q "torch==${TORCH_VERSION}+cpu" 2>/dev/null; then
+    :                           # the CPU build by its local label: a wheel on disk (find-links)
 else
     "$PY" -m pip install -q "torch==${TORCH_VERSION}" \
         --index-url "${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}"

@@ -1,6 +1,7 @@
 """scripts/alignment_tax.py at smoke scale: tax interpolation, fair continuation, the page."""
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from alignment_tax import SCALES, Grid  # noqa: E402
 from alignment_tax_report import tax_from, write_results  # noqa: E402
 
 from saeformer.analysis.curves import read_metrics  # noqa: E402
+from saeformer.train.checkpoint import latest_checkpoint  # noqa: E402
 from saeformer.train.trainer import Trainer  # noqa: E402
 
 
@@ -77,3 +79,41 @@ def test_the_hand_written_findings_survive_a_rewrite_of_the_page(tmp_path, data_
     text = write_results(grid, "smoke", "cmd", page, tmp_path / "img").read_text()
     assert "AuxK <b>works</b> alone." in text and "No findings" not in text
     assert "| stale |" not in text and text.count("## Findings") == 1
+
+
+def test_records_resume_the_grid_and_its_page_without_the_run_folders(tmp_path, data_dir):
+    def grid():
+        return Grid(SCALES["smoke"], 10, tmp_path / "runs", data_dir, records=tmp_path / "rec")
+
+    def page(g, name):
+        return write_results(g, "smoke", "cmd", tmp_path / name, tmp_path / "img").read_text()
+
+    first = grid()
+    dense = first.arm("dense-s0")
+    first.train_branch(dense, 0)
+    first.train_branch(dense, 1)
+    summaries = [first.summary(dense, m) for m in (1.0, 1.25)]
+    before = page(first, "before.md")
+    shutil.rmtree(tmp_path / "runs")  # a fresh clone: only the records are left
+
+    second = grid()
+    assert [second.summary(dense, m) for m in (1.0, 1.25)] == summaries
+    assert page(second, "after.md") == before
+    recorded = {
+        k
+        for line in (first.record_dir(dense, 1.0) / "metrics.jsonl").open()
+        for k in json.loads(line)
+    }
+    assert recorded == {"step", "val/loss", "train/loss", "train/tokens_per_s"}
+    # x1.50 was seeded from x1.25's stable phase, now gone: it trains that phase again from 0
+    second.train_branch(dense, 2)
+    first_part = dict(read_metrics(second.record_dir(dense, 1.0))["train/loss"])  # to step 8
+    stable = {**first_part, **dict(read_metrics(second.record_dir(dense, 1.25))["train/loss"])}
+    again = dict(read_metrics(second.branch_dir(dense, 1.5))["train/loss"])
+    assert [again[s] for s in range(1, 11)] == [stable[s] for s in range(1, 11)]
+    # the distillation teacher needs its weights: retrained, it reproduces its record
+    assert latest_checkpoint(second.branch_dir(dense, 1.0)) is None
+    assert second.teacher_ready()
+    assert latest_checkpoint(second.branch_dir(dense, 1.0)) is not None
+    retrained = json.loads((second.branch_dir(dense, 1.0) / "summary.json").read_text())
+    assert retrained["val_loss"] == summaries[0]["val_loss"]
