@@ -165,6 +165,12 @@ def _dense_flatness(grid: Grid) -> str:
             + ", ".join(f"{loss:.4f} ({_penalty(loss, final)}) at {m:g}×" for m, loss in longer)
             + " the budget."
         )
+    if len(longer) >= 2:
+        (m0, l0), (m1, l1) = longer[-2:]
+        text += (
+            f" From {m0:g}× to {m1:g}× it moves {_penalty(l1, l0)} (a twin that has flattened "
+            "moves well under 1%)."
+        )
     return text
 
 
