@@ -7,7 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
-from alignment_tax import SCALES, Grid  # noqa: E402
+from alignment_tax import SCALES, Grid, main  # noqa: E402
 from alignment_tax_report import tax_from, write_results  # noqa: E402
 
 from saeformer.analysis.curves import read_metrics  # noqa: E402
@@ -117,3 +117,13 @@ def test_records_resume_the_grid_and_its_page_without_the_run_folders(tmp_path, 
     assert latest_checkpoint(second.branch_dir(dense, 1.0)) is not None
     retrained = json.loads((second.branch_dir(dense, 1.0) / "summary.json").read_text())
     assert retrained["val_loss"] == summaries[0]["val_loss"]
+
+
+def test_report_only_keeps_a_page_that_nothing_here_can_regenerate(tmp_path, data_dir, capsys):
+    page = tmp_path / "results.md"
+    page.write_text("a table from run folders that are gone")
+    where = ["--data", str(data_dir), "--out", str(tmp_path / "runs"), "--results", str(page)]
+    where += ["--records", str(tmp_path / "rec"), "--img-dir", str(tmp_path / "img")]
+    assert main(["--scale", "smoke", "--report-only", *where]) == 0
+    assert page.read_text() == "a table from run folders that are gone"
+    assert f"kept {page}" in capsys.readouterr().out
