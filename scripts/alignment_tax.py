@@ -23,6 +23,8 @@ docs/results-SCALE.md for the others) is rewritten from whatever has finished.
     python scripts/alignment_tax.py --scale smoke --budget-steps 20 --data /tmp/prepared
     python scripts/alignment_tax.py --only 'dense-*,resid-naive'     # a subset
     python scripts/alignment_tax.py --report-only                    # rewrite docs/results.md
+    python scripts/alignment_tax.py --scale small --only 'dense-*,mlp-*' &  # two processes,
+    python scripts/alignment_tax.py --scale small --only 'resid-*'          # one core each
 """
 
 from __future__ import annotations
@@ -502,9 +504,10 @@ def record_branch(run_dir: Path, record: Path) -> None:
                 shutil.copyfile(run_dir / name, tmp / name)
         kept = []
         for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
-            values = {k: v for k, v in json.loads(line).items() if k in RECORDED}
+            logged = json.loads(line)
+            values = {k: v for k, v in logged.items() if k in RECORDED}
             if values:
-                kept.append(json.dumps({"step": json.loads(line)["step"], **values}))
+                kept.append(json.dumps({"step": logged["step"], **values}))
         (tmp / "metrics.jsonl").write_text("\n".join(kept) + "\n", encoding="utf-8")
 
 
@@ -633,8 +636,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--records",
         type=Path,
         help="finished branches' summaries and curves, kept in git so that the grid resumes "
-        "and the page regenerates on a machine without the run folders "
-        "(default docs/results-runs/SCALE)",
+        "and the page regenerates on a machine without the run folders (default "
+        "docs/results-runs/SCALE for the scale's own grid; none with --budget-steps, --data or "
+        "--set, which change what the runs are)",
     )
     p.add_argument("--report-only", action="store_true", help="rewrite the page, train nothing")
     p.add_argument(
@@ -673,7 +677,8 @@ def main(argv: list[str] | None = None) -> int:
         "docs/results.md" if args.scale == HEADLINE else f"docs/results-{args.scale}.md"
     )
     img_dir = args.img_dir or Path("docs/img/results") / args.scale
-    records = args.records or Path("docs/results-runs") / args.scale
+    own_grid = not (args.budget_steps or args.data or args.set)
+    records = args.records or (Path("docs/results-runs") / args.scale if own_grid else None)
     try:
         data = args.data or default_data(scale)
         grid = Grid(scale, n, out, data, args.set, args.tax_all, records)
@@ -684,7 +689,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:  # also after a stop: the page shows what has finished so far
             grid.record_finished()
             if page.is_file() and not any(grid.summary(a, 1.0) for a in grid.arms):
-                print(f"kept {page}: no run of this grid has finished here or in {records}")
+                print(f"kept {page}: no run of this grid has finished here or in its records")
             else:
                 print(f"wrote {write_results(grid, args.scale, command, page, img_dir)}")
     except UserError as exc:
