@@ -141,6 +141,40 @@ def _width_search(grid: Grid, site: str) -> str:
     return f"{site}: {', '.join(tried)}; none reaches the dense twins' {target:.4f}"
 
 
+FLAT_MOVE = 1.0  # percent: a twin has flattened once 1.5× the tokens lower its loss by less
+
+
+def flat_budget(points: list[tuple[float, float]]) -> tuple[float, float, float] | None:
+    """Fit L(m) = E + A·m^−b to (budget multiple, final loss) of the dense twin's branches;
+    return (E, b, the multiple from which 1.5× the tokens lower L by less than FLAT_MOVE%)."""
+    import numpy as np
+    from scipy.optimize import brentq, curve_fit
+
+    if len(points) < 4:
+        return None
+    m, loss = (np.array(v, dtype=float) for v in zip(*points, strict=True))
+
+    def law(x, e, a, b):
+        return e + a * x**-b
+
+    spread = loss.max() - loss.min()
+    try:
+        (e, a, b), _ = curve_fit(law, m, loss, p0=(loss.min() - spread, spread, 0.5), maxfev=20000)
+    except RuntimeError:  # no convergence
+        return None
+    if a <= 0 or b <= 0:
+        return None
+
+    def excess(log_x: float) -> float:  # negative while 1.5× the tokens still gain > FLAT_MOVE
+        x = np.exp(log_x)
+        return 100 * (law(1.5 * x, e, a, b) / law(x, e, a, b) - 1) + FLAT_MOVE
+
+    low, high = np.log(1e-3), np.log(1e9)
+    if excess(low) >= 0:
+        return e, b, 1e-3
+    return e, b, float(np.exp(brentq(excess, low, high))) if excess(high) > 0 else None
+
+
 def _dense_flatness(grid: Grid) -> str:
     """Whether the budget lets the dense twin's loss flatten: its late stable-phase slope, and
     its own final loss when continued past the budget."""
@@ -170,6 +204,13 @@ def _dense_flatness(grid: Grid) -> str:
         text += (
             f" From {m0:g}× to {m1:g}× it moves {_penalty(l1, l0)} (a twin that has flattened "
             "moves well under 1%)."
+        )
+    if (fit := flat_budget([(1.0, curve[grid.n]), *longer])) is not None:
+        e, b, flat = fit
+        text += (
+            f" A fit L = E + A·m^−b over these budgets (E = {e:.3f}, b = {b:.2f}) puts the "
+            f"budget from which 1.5× the tokens gain less than {FLAT_MOVE:g}% at {flat:.1f}× "
+            f"this one ({flat * grid.n:,.0f} steps)."
         )
     return text
 

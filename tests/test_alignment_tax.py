@@ -5,10 +5,13 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 from alignment_tax import SCALES, Grid, main  # noqa: E402
-from alignment_tax_report import tax_from, write_results  # noqa: E402
+from alignment_tax_report import flat_budget, tax_from, write_results  # noqa: E402
 
 from saeformer.analysis.curves import read_metrics  # noqa: E402
 from saeformer.train.checkpoint import latest_checkpoint  # noqa: E402
@@ -127,3 +130,18 @@ def test_report_only_keeps_a_page_that_nothing_here_can_regenerate(tmp_path, dat
     assert main(["--scale", "smoke", "--report-only", *where]) == 0
     assert page.read_text() == "a table from run folders that are gone"
     assert f"kept {page}" in capsys.readouterr().out
+
+
+def test_flat_budget_recovers_a_power_law_and_where_it_flattens():
+    rng = np.random.default_rng()
+    e, a, b = rng.uniform(3.5, 4.5), rng.uniform(0.2, 0.6), rng.uniform(0.4, 1.2)
+    points = [(m, e + a * m**-b) for m in (1.0, 1.25, 1.5, 2.0, 3.0)]
+    fit_e, fit_b, flat = flat_budget(points)
+    assert fit_e == pytest.approx(e, rel=1e-4) and fit_b == pytest.approx(b, rel=1e-3)
+
+    def gain(m):  # percent lost by training 1.5× longer from m
+        return 100 * (1 - (e + a * (1.5 * m) ** -b) / (e + a * m**-b))
+
+    assert gain(flat) == pytest.approx(1.0, rel=1e-3)
+    assert gain(0.9 * flat) > 1.0 > gain(1.1 * flat)
+    assert flat_budget(points[:3]) is None  # too few budgets to fit three parameters
