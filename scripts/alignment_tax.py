@@ -349,25 +349,28 @@ class Grid:
         """Where a finished branch is recorded in the repository (None: no records kept)."""
         return None if self.records is None else self.records / arm.name / branch_name(multiple)
 
-    def finished_dir(self, arm: Arm, multiple: float) -> Path | None:
-        """The folder holding a branch that has finished its decay: its run folder, else its
-        record (which outlives the run folder); None while it is unfinished."""
+    def _finished(self, arm: Arm, multiple: float) -> tuple[Path, dict[str, Any]] | None:
+        """A branch that has finished its decay: (its run folder, else its record, which
+        outlives the run folder; its summary); None while it is unfinished."""
         for folder in (self.branch_dir(arm, multiple), self.record_dir(arm, multiple)):
-            if folder is not None and finished_summary(folder, self.total_steps(multiple)):
-                return folder
+            if folder is not None and (s := finished_summary(folder, self.total_steps(multiple))):
+                return folder, s
         return None
+
+    def finished_dir(self, arm: Arm, multiple: float) -> Path | None:
+        """The folder holding a finished branch (see `_finished`), else None."""
+        return None if (done := self._finished(arm, multiple)) is None else done[0]
 
     def metrics_dir(self, arm: Arm, multiple: float) -> Path | None:
         """The folder to read a branch's curves from: finished, or still running, or None."""
-        run_dir = self.branch_dir(arm, multiple)
         if (folder := self.finished_dir(arm, multiple)) is not None:
             return folder
+        run_dir = self.branch_dir(arm, multiple)
         return run_dir if (run_dir / "metrics.jsonl").is_file() else None
 
     def summary(self, arm: Arm, multiple: float) -> dict[str, Any] | None:
         """The branch's summary once it has finished its decay, else None."""
-        folder = self.finished_dir(arm, multiple)
-        return None if folder is None else finished_summary(folder, self.total_steps(multiple))
+        return None if (done := self._finished(arm, multiple)) is None else done[1]
 
     def record(self, arm: Arm, multiple: float) -> None:
         """Record a branch whose run folder has finished, unless its record already exists."""
