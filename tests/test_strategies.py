@@ -156,3 +156,24 @@ def test_keep_last_dense_hint_is_printed_not_raised(tmp_path, config_file, capsy
     assert early.hints() == []
     early.strategy.keep_last_dense = 2
     assert "resid.0, mlp.0 in the last 2 block(s)" in early.hints()[0]
+
+
+def test_dead_features_encoder_bias_rises_by_the_rate_and_live_ones_stay(tmp_path, config_file):
+    """After one step b_enc = b' + rate·[dead], b' the optimizer's b_enc (rate 0), dead meaning
+    no firing for dead_tokens tokens, counted after the step."""
+    trainers = {
+        r: Trainer(load_config(config_file, [f"strategy.dead_bias_rate={r}"]), tmp_path / r)
+        for r in ("0", "0.25")
+    }
+    for trainer in trainers.values():
+        half = len(trainer.since_fired["resid.0"]) // 2
+        trainer.since_fired["resid.0"][:half] = 10**9  # long dead, and negative on every token:
+        with torch.no_grad():
+            trainer.model.bottleneck("resid.0").b_enc[:half] = -30.0
+        trainer.train_step()
+    trainer = trainers["0.25"]
+    dead = trainer.since_fired["resid.0"] >= trainer.cfg.strategy.dead_tokens
+    assert dead[: len(dead) // 2].all() and not dead[len(dead) // 2 :].all()
+    moved = trainers["0"].model.bottleneck("resid.0").b_enc.detach()
+    raised = trainer.model.bottleneck("resid.0").b_enc.detach()
+    torch.testing.assert_close(raised - moved, 0.25 * dead.float(), rtol=0, atol=1e-5)

@@ -65,6 +65,7 @@ class StrategyConfig:
     rec_coef: float = 0.0  # λ_rec: reconstruction FVU at resid sites (trains the bottleneck only)
     unit_norm_decoder: bool = True  # renormalise decoder rows, drop the parallel gradient
     b_dec_mean_rate: float = 0.0  # resid sites: b_dec moves this far to the batch mean of h
+    dead_bias_rate: float = 0.0  # resid sites: dead features' b_enc rises this much a step
     bottleneck_lr_mult: float = 1.0
     bottleneck_warmup_steps: int = 0  # bottleneck lr ramps up over these steps (0: off)
     teacher_run: Path | None = None  # KL distillation from this (dense) run directory
@@ -124,8 +125,8 @@ class RunConfig:
         snap = self.snapshot
         if min(snap.every, snap.probe_windows, snap.top_m, snap.window) < 0:
             raise UserError("snapshot settings must be non-negative")
-        counts = (s.aux_coef, s.rec_coef, s.kd_coef, s.k_aux, s.dead_tokens, s.k_levels)
-        if min(*counts, s.bottleneck_warmup_steps, s.keep_last_dense) < 0:
+        counts = (s.aux_coef, s.rec_coef, s.kd_coef, s.dead_bias_rate, s.k_aux, s.dead_tokens)
+        if min(*counts, s.k_levels, s.bottleneck_warmup_steps, s.keep_last_dense) < 0:
             raise UserError("strategy coefficients and counts must be non-negative")
         if not 0 <= s.b_dec_mean_rate <= 1:
             raise UserError(f"strategy.b_dec_mean_rate must be in [0, 1], got {s.b_dec_mean_rate}")

@@ -51,6 +51,20 @@ def track_decoder_bias(model: Transformer, means: dict[str, Tensor], rate: float
         b.b_dec.lerp_(mean, rate)
 
 
+@torch.no_grad()
+def raise_dead_biases(
+    model: Transformer, since_fired: dict[str, Tensor], dead_tokens: int, rate: float
+) -> None:
+    """Raise each dead resid feature's b_enc by `rate`: a latent negative on every token gets no
+    gradient through the ReLU, from AuxK or anything else, until its bias brings it back."""
+    for layer, b in model.resid.items():
+        dead = since_fired[f"resid.{layer}"] >= dead_tokens
+        step = dead.to(b.b_enc.dtype) * rate
+        if isinstance(b.b_enc, DTensor):  # FSDP2: the same full mask on every rank, sharded
+            step = distribute_tensor(step, b.b_enc.device_mesh, b.b_enc.placements)
+        b.b_enc.add_(step)
+
+
 def update_dead_counters(since_fired: Tensor, counts: Tensor, n_tokens: int) -> None:
     """Advance 'tokens since last fired' by n_tokens and reset the features that fired."""
     since_fired.add_(n_tokens)

@@ -55,6 +55,7 @@ from saeformer.train.schedules import bottleneck_lr_scale, bottleneck_schedule, 
 from saeformer.train.strategy import (
     Distiller,
     normalize_decoders,
+    raise_dead_biases,
     remove_parallel_decoder_grads,
     track_decoder_bias,
     update_dead_counters,
@@ -305,6 +306,9 @@ class Trainer:
             normalize_decoders(self.model)
         if self.cfg.strategy.b_dec_mean_rate > 0:
             track_decoder_bias(self.model, means, self.cfg.strategy.b_dec_mean_rate)
+        if self.cfg.strategy.dead_bias_rate > 0:
+            s = self.cfg.strategy
+            raise_dead_biases(self.model, self.since_fired, s.dead_tokens, s.dead_bias_rate)
 
     def _skip_step(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
