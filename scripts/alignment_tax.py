@@ -165,6 +165,7 @@ def strategies(scale: Scale, n: int, teacher: Path) -> dict[str, tuple[set[str],
         "auxk": ({"resid"}, {"aux_coef": 1 / 32, "k_aux": scale.k_aux}),
         "unit-norm": ({"resid"}, {"unit_norm_decoder": True}),
         "b-dec-mean": ({"resid"}, {"b_dec_mean_rate": 0.1}),
+        "dead-bias": ({"resid"}, {"dead_bias_rate": 0.03}),
         "lr-mult": (set(SITES), {"bottleneck_lr_mult": 0.5}),
         "bn-warmup": (set(SITES), {"bottleneck_warmup_steps": n // 5}),
         "rec": ({"resid"}, {"rec_coef": 0.1}),
@@ -349,12 +350,37 @@ class Grid:
         """Where a finished branch is recorded in the repository (None: no records kept)."""
         return None if self.records is None else self.records / arm.name / branch_name(multiple)
 
+    def fingerprint(self, arm: Arm) -> dict[str, Any]:
+        """What makes a run this arm's (model, strategies, seed, --set; the teacher named inside
+        the grid's folder), kept beside its results so that a run of an older recipe is not
+        taken for the arm's."""
+        strategy = dict(arm.strategy)
+        if "teacher_run" in strategy:
+            teacher = Path(strategy["teacher_run"]).relative_to(self.out.resolve())
+            strategy["teacher_run"] = teacher.as_posix()
+        arm_id = {"model": arm.model, "strategy": strategy, "seed": arm.seed, "sets": self.sets}
+        return json.loads(json.dumps(arm_id))  # tuples as lists, as read back
+
+    def is_arms(self, arm: Arm, folder: Path) -> bool:
+        """Whether a run folder or record holds a run of this arm (one older than the
+        fingerprints, which has none, is taken for it)."""
+        path = folder / ARM_FILE
+        return not path.is_file() or json.loads(path.read_text()) == self.fingerprint(arm)
+
+    def clear_stale(self, arm: Arm, folder: Path) -> None:
+        """Remove a run folder of this arm's name that ran another recipe."""
+        if folder.exists() and not self.is_arms(arm, folder):
+            tqdm.write(f"{arm.name}: {folder} ran another recipe; training it anew")
+            shutil.rmtree(folder)
+
     def _finished(self, arm: Arm, multiple: float) -> tuple[Path, dict[str, Any]] | None:
-        """A branch that has finished its decay: (its run folder, else its record, which
-        outlives the run folder; its summary); None while it is unfinished."""
+        """A branch of this arm that has finished its decay: (its run folder, else its record,
+        which outlives the run folder; its summary); None while it is unfinished."""
         for folder in (self.branch_dir(arm, multiple), self.record_dir(arm, multiple)):
-            if folder is not None and (s := finished_summary(folder, self.total_steps(multiple))):
-                return folder, s
+            if folder is None or not self.is_arms(arm, folder):
+                continue
+            if summary := finished_summary(folder, self.total_steps(multiple)):
+                return folder, summary
         return None
 
     def finished_dir(self, arm: Arm, multiple: float) -> Path | None:
@@ -379,7 +405,8 @@ class Grid:
         if (
             record is not None
             and finished_summary(run_dir, steps)
-            and not finished_summary(record, steps)
+            and self.is_arms(arm, run_dir)
+            and not (finished_summary(record, steps) and self.is_arms(arm, record))
         ):
             record_branch(run_dir, record)
 
@@ -420,6 +447,7 @@ class Grid:
         from step 0, the same run as the previous branch's; `rerun` retrains a recorded one."""
         multiple = arm.multiples[index]
         run_dir = self.branch_dir(arm, multiple)
+        self.clear_stale(arm, run_dir)
         total = self.total_steps(multiple)
         done = finished_summary(run_dir, total) if rerun else self.summary(arm, multiple)
         if done is not None:
@@ -428,7 +456,8 @@ class Grid:
         if checkpoint_step(run_dir) < start:
             self._train(arm, run_dir, start, 0.0)
         if index + 1 < len(arm.multiples):
-            seed_branch(run_dir, start, self.branch_dir(arm, arm.multiples[index + 1]))
+            self.clear_stale(arm, following := self.branch_dir(arm, arm.multiples[index + 1]))
+            seed_branch(run_dir, start, following)
         self._train(arm, run_dir, total, self.decay / total)
         keep = 1 if index == 0 else 0  # the budget run's model stays (the distillation teacher)
         for old in list_checkpoints(run_dir)[: len(list_checkpoints(run_dir)) - keep]:
@@ -436,12 +465,14 @@ class Grid:
         self.record(arm, multiple)
 
     def teacher_ready(self) -> bool:
-        """Train the distillation teacher (dense-s0's budget run) where only its record is left;
-        False while dense-s0 has not finished at all."""
+        """Train the distillation teacher (dense-s0's budget run) where only its record is left
+        or its retraining was cut short; False while dense-s0 has not finished at all."""
         dense = self.arm("dense-s0")
         if self.summary(dense, 1.0) is None:
             return False
-        if latest_checkpoint(self.branch_dir(dense, 1.0)) is None:
+        run_dir = self.branch_dir(dense, 1.0)
+        trained = finished_summary(run_dir, self.total_steps(1.0)) is not None
+        if not (trained and latest_checkpoint(run_dir)):  # a record, or a retraining cut short
             tqdm.write("dense-s0: retraining the distillation teacher (only its record is here)")
             self.train_branch(dense, 0, rerun=True)
         return True
@@ -456,6 +487,7 @@ class Grid:
             cfg = self.run_config(arm)
             cfg.train.steps, cfg.train.decay_fraction = steps, decay_fraction
             trainer = Trainer(cfg, run_dir)
+            write_json(run_dir / ARM_FILE, self.fingerprint(arm))
         began = time.perf_counter()
         summary = trainer.run()
         add_wall_time(run_dir, time.perf_counter() - began)
@@ -495,6 +527,7 @@ def finished_summary(folder: Path, steps: int) -> dict[str, Any] | None:
     return summary if summary["step"] == steps else None
 
 
+ARM_FILE = "arm.json"  # a run's fingerprint (Grid.fingerprint), in its folder and its record
 RECORDED = ("val/loss", "train/loss", "train/tokens_per_s")  # the curves the page reads
 
 
@@ -502,7 +535,7 @@ def record_branch(run_dir: Path, record: Path) -> None:
     """Copy a finished branch's summary, wall time and the curves the page reads into its
     record (atomically): the grid resumes from records on a machine without the run folders."""
     with atomic_dir(record) as tmp:
-        for name in ("summary.json", "timing.json"):
+        for name in ("summary.json", "timing.json", ARM_FILE):
             if (run_dir / name).is_file():
                 shutil.copyfile(run_dir / name, tmp / name)
         kept = []
@@ -528,8 +561,9 @@ def seed_branch(run_dir: Path, step: int, target: Path) -> None:
         shutil.copytree(
             run_dir / "checkpoints" / f"step_{step}", tmp / "checkpoints" / f"step_{step}"
         )
-        for name in ("config.json", "tokenizer.json"):
-            shutil.copyfile(run_dir / name, tmp / name)
+        for name in ("config.json", "tokenizer.json", ARM_FILE):
+            if (run_dir / name).is_file():
+                shutil.copyfile(run_dir / name, tmp / name)
 
 
 def add_wall_time(run_dir: Path, seconds: float) -> None:

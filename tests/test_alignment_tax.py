@@ -122,6 +122,26 @@ def test_records_resume_the_grid_and_its_page_without_the_run_folders(tmp_path, 
     assert retrained["val_loss"] == summaries[0]["val_loss"]
 
 
+def test_a_run_of_another_recipe_is_not_taken_for_the_arm(tmp_path, data_dir):
+    def grid(*sets):
+        return Grid(
+            SCALES["smoke"], 10, tmp_path / "runs", data_dir, list(sets), records=tmp_path / "rec"
+        )
+
+    old, new = grid(), grid("strategy.k_aux=16")
+    naive = old.arm("resid-naive")
+    old.train_branch(naive, 0)
+    assert old.summary(naive, 1.0) is not None and new.summary(naive, 1.0) is None
+    new.train_branch(naive, 0)  # the old run folder and its record are replaced
+    assert new.summary(naive, 1.0) is not None and old.summary(naive, 1.0) is None
+    for folder in (new.record_dir(naive, 1.0), new.branch_dir(naive, 1.25)):  # the seeded next
+        assert json.loads((folder / "arm.json").read_text()) == new.fingerprint(naive)
+    assert (
+        json.loads((new.branch_dir(naive, 1.0) / "config.json").read_text())["strategy"]["k_aux"]
+        == 16
+    )
+
+
 def test_report_only_keeps_a_page_that_nothing_here_can_regenerate(tmp_path, data_dir, capsys):
     page = tmp_path / "results.md"
     page.write_text("a table from run folders that are gone")
