@@ -361,7 +361,7 @@ class Grid:
         arm_id = {"model": arm.model, "strategy": strategy, "seed": arm.seed, "sets": self.sets}
         return json.loads(json.dumps(arm_id))  # tuples as lists, as read back
 
-    def is_arms(self, arm: Arm, folder: Path) -> bool:
+    def holds_arm(self, arm: Arm, folder: Path) -> bool:
         """Whether a run folder or record holds a run of this arm (one older than the
         fingerprints, which has none, is taken for it)."""
         path = folder / ARM_FILE
@@ -369,7 +369,7 @@ class Grid:
 
     def clear_stale(self, arm: Arm, folder: Path) -> None:
         """Remove a run folder of this arm's name that ran another recipe."""
-        if folder.exists() and not self.is_arms(arm, folder):
+        if folder.exists() and not self.holds_arm(arm, folder):
             tqdm.write(f"{arm.name}: {folder} ran another recipe; training it anew")
             shutil.rmtree(folder)
 
@@ -377,7 +377,7 @@ class Grid:
         """A branch of this arm that has finished its decay: (its run folder, else its record,
         which outlives the run folder; its summary); None while it is unfinished."""
         for folder in (self.branch_dir(arm, multiple), self.record_dir(arm, multiple)):
-            if folder is None or not self.is_arms(arm, folder):
+            if folder is None or not self.holds_arm(arm, folder):
                 continue
             if summary := finished_summary(folder, self.total_steps(multiple)):
                 return folder, summary
@@ -405,8 +405,8 @@ class Grid:
         if (
             record is not None
             and finished_summary(run_dir, steps)
-            and self.is_arms(arm, run_dir)
-            and not (finished_summary(record, steps) and self.is_arms(arm, record))
+            and self.holds_arm(arm, run_dir)
+            and not (finished_summary(record, steps) and self.holds_arm(arm, record))
         ):
             record_branch(run_dir, record)
 
