@@ -21,9 +21,14 @@ def l0(values: Tensor) -> Tensor:
     return (values != 0).sum(dim=-1).float().mean()
 
 
+def dead_mask(tokens_since_fired: Tensor, threshold_tokens: int) -> Tensor:
+    """The features that did not fire in the last `threshold_tokens` tokens (bool)."""
+    return tokens_since_fired >= threshold_tokens
+
+
 def dead_fraction(tokens_since_fired: Tensor, threshold_tokens: int) -> float:
     """Fraction of features that did not fire in the last `threshold_tokens` tokens."""
-    return (tokens_since_fired >= threshold_tokens).float().mean().item()
+    return dead_mask(tokens_since_fired, threshold_tokens).float().mean().item()
 
 
 def firing_counts(values: Tensor, indices: Tensor, width: int) -> Tensor:

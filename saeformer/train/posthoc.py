@@ -20,7 +20,7 @@ from tqdm import tqdm
 from saeformer.analysis.activations import ActivationStream, StreamConfig, special_token_ids
 from saeformer.analysis.formats import export_saelens
 from saeformer.analysis.hooks import HookPoint, Host, HostConfig, load_host
-from saeformer.analysis.metrics import dead_fraction, fvu, l0
+from saeformer.analysis.metrics import dead_fraction, dead_mask, fvu, l0
 from saeformer.atomic import write_json
 from saeformer.configio import load_typed, to_dict
 from saeformer.errors import UserError
@@ -165,7 +165,7 @@ class SaeSet(nn.Module):
         for i, (name, h) in enumerate(zip(self.names, acts, strict=True)):
             sae = self.resid[str(i)]
             aux = AuxRequest(rec=True)
-            dead = since_fired[i] >= strategy.dead_tokens
+            dead = dead_mask(since_fired[i], strategy.dead_tokens)
             n_dead = int(dead.sum()) if strategy.aux_coef > 0 else 0
             if n_dead > 0:  # AuxK over at most as many latents as are dead
                 aux.dead_mask, aux.k_aux = dead, min(strategy.k_aux, n_dead)

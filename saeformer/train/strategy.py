@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from saeformer.analysis.metrics import next_token_kl
+from saeformer.analysis.metrics import dead_mask, next_token_kl
 from saeformer.errors import UserError
 from saeformer.model import Bottleneck, Transformer
 from saeformer.runs import load_run
@@ -58,7 +58,7 @@ def raise_dead_biases(
     """Raise each dead resid feature's b_enc by `rate`: a latent negative on every token gets no
     gradient through the ReLU, from AuxK or anything else, until its bias brings it back."""
     for layer, b in model.resid.items():
-        dead = since_fired[f"resid.{layer}"] >= dead_tokens
+        dead = dead_mask(since_fired[f"resid.{layer}"], dead_tokens)
         step = dead.to(b.b_enc.dtype) * rate
         if isinstance(b.b_enc, DTensor):  # FSDP2: the same full mask on every rank, sharded
             step = distribute_tensor(step, b.b_enc.device_mesh, b.b_enc.placements)

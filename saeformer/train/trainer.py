@@ -20,7 +20,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from saeformer.analysis.metrics import dead_fraction
+from saeformer.analysis.metrics import dead_fraction, dead_mask
 from saeformer.analysis.snapshot import SnapshotWriter
 from saeformer.atomic import write_json
 from saeformer.configio import to_dict
@@ -207,7 +207,9 @@ class Trainer:
         return {
             bid: AuxRequest(
                 rec=s.rec_coef > 0,
-                dead_mask=self.since_fired[bid] >= s.dead_tokens if s.aux_coef > 0 else None,
+                dead_mask=dead_mask(self.since_fired[bid], s.dead_tokens)
+                if s.aux_coef > 0
+                else None,
                 k_aux=min(s.k_aux, self.widths[bid]) if s.aux_coef > 0 else 0,
             )
             for bid in self.widths
@@ -306,8 +308,7 @@ class Trainer:
             normalize_decoders(self.model)
         if self.cfg.strategy.b_dec_mean_rate > 0:
             track_decoder_bias(self.model, means, self.cfg.strategy.b_dec_mean_rate)
-        if self.cfg.strategy.dead_bias_rate > 0:
-            s = self.cfg.strategy
+        if (s := self.cfg.strategy).dead_bias_rate > 0:
             raise_dead_biases(self.model, self.since_fired, s.dead_tokens, s.dead_bias_rate)
 
     def _skip_step(self) -> None:
