@@ -19,12 +19,13 @@ git, so that a fresh clone resumes the grid where the last session left it and r
 page without the run folders. The page (docs/results.md for the headline scale,
 docs/results-SCALE.md for the others) is rewritten from whatever has finished.
 
-    python scripts/alignment_tax.py                                  # the CPU grid (hours)
+    python scripts/alignment_tax.py                                  # the small grid (hours)
+    python scripts/alignment_tax.py --scale cpu                      # docs/results-cpu.md
     python scripts/alignment_tax.py --scale smoke --budget-steps 20 --data /tmp/prepared
     python scripts/alignment_tax.py --only 'dense-*,resid-naive'     # a subset
     python scripts/alignment_tax.py --report-only                    # rewrite docs/results.md
-    python scripts/alignment_tax.py --scale small --only 'dense-*,mlp-*' &  # two processes,
-    python scripts/alignment_tax.py --scale small --only 'resid-*'          # one core each
+    python scripts/alignment_tax.py --only 'dense-*,mlp-*' &  # two processes,
+    python scripts/alignment_tax.py --only 'resid-*'          # one core each
 """
 
 from __future__ import annotations
@@ -139,7 +140,7 @@ SCALES["small"] = replace(
         "two runs share the 2 cores (`--only` splits the grid between processes)"
     ),
 )
-HEADLINE = "cpu"  # the default --scale, whose page is docs/results.md
+HEADLINE = "small"  # the default --scale, whose page is docs/results.md
 
 
 @dataclass(frozen=True)
