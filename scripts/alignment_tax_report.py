@@ -259,6 +259,31 @@ def _plot_site(grid: Grid, site: str, out: Path) -> Path | None:
     return out
 
 
+LABEL_OFFSETS = ((3, 3, "left"), (3, -10, "left"), (-3, 3, "right"), (-3, -10, "right"))
+
+
+def _overlap(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
+    """Whether two boxes (left, bottom, right, top) overlap."""
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def _annotate_apart(ax: Any, labelled: list[tuple[str, float, float]]) -> None:
+    """Label each point at the first offset whose text box overlaps no label placed before."""
+    ax.autoscale_view()
+    points_per_pixel = 72 / ax.figure.dpi
+    placed: list[tuple[float, float, float, float]] = []
+    for name, x, y in labelled:
+        px, py = ax.transData.transform((x, y)) * points_per_pixel
+        width, height = 4.5 * len(name), 9.0  # the box of 7-point text, in points
+        for dx, dy, ha in LABEL_OFFSETS:
+            left = px + dx - (width if ha == "right" else 0.0)
+            box = (left, py + dy, left + width, py + dy + height)
+            if not any(_overlap(box, other) for other in placed):
+                break
+        placed.append(box)
+        ax.annotate(name, (x, y), fontsize=7, xytext=(dx, dy), textcoords="offset points", ha=ha)
+
+
 def _plot_trade(grid: Grid, site: str, out: Path) -> Path | None:
     """Penalty against dead features for every finished bottleneck arm of a site: the trade
     the recipe has to win on both axes at once."""
@@ -286,18 +311,14 @@ def _plot_trade(grid: Grid, site: str, out: Path) -> Path | None:
         "ablation": "tab:orange",
         "width": "grey",
     }
+    labelled = []
     for arm, summary in points:
         dead = [v["dead_frac"] for v in summary["sites"].values()]
         x = 100 * sum(dead) / len(dead)
         y = _change(summary["val_loss"], dense)
         ax.scatter(x, y, color=colors[arm.kind], s=25)
-        ax.annotate(
-            arm.name.removeprefix(f"{site}-"),
-            (x, y),
-            fontsize=7,
-            xytext=(3, 3),
-            textcoords="offset points",
-        )
+        labelled.append((arm.name.removeprefix(f"{site}-"), x, y))
+    _annotate_apart(ax, labelled)
     ax.axhline(1.0, color="black", lw=0.8, ls="--")
     ax.axvline(5.0, color="black", lw=0.8, ls="--")
     ax.set(
