@@ -230,21 +230,26 @@ def _plot_site(grid: Grid, site: str, out: Path) -> Path | None:
     if not arms:
         return None
     fig, (curves, tax) = plt.subplots(1, 2, figsize=(13, 4.8))
+    styles: dict[str, dict[str, Any]] = {}
     finals = []
+    palette = plt.get_cmap("tab10").colors
+    for i, arm in enumerate(a for a in arms if a.kind not in ("dense", "wide")):
+        styles[arm.name] = {"lw": 1.2, "color": palette[i % 10], "ls": "-" if i < 10 else "--"}
     for arm in arms:
         points = read_metrics(grid.metrics_dir(arm, 1.0)).get("val/loss", [])
         steps, losses = zip(*points, strict=True)
         style = {
             "dense": {"lw": 2.2, "color": "black", "ls": "-" if arm.seed == 0 else ":"},
             "wide": {"lw": 2.2, "color": "grey", "ls": "--"},
-        }.get(arm.kind, {"lw": 1.2})
+        }.get(arm.kind) or styles[arm.name]
         curves.plot([s / grid.n for s in steps], losses, label=arm.name, **style)
-        finals.append(losses[-1])
+        if (summary := grid.summary(arm, 1.0)) is not None:  # unfinished runs set no limits
+            finals.append(summary["val_loss"])
         branch = [(m, s["val_loss"]) for m in arm.multiples if (s := grid.summary(arm, m))]
         if len(arm.multiples) > 1 and branch:
             tax.plot(*zip(*branch, strict=True), marker="o", ms=4, label=arm.name, **style)
-    low = min(finals)
-    curves.set_ylim(low - 0.05, max(finals) + 0.6)
+    if finals:
+        curves.set_ylim(min(finals) - 0.05, max(finals) + 0.6)
     curves.set(xlabel="steps / dense budget", ylabel="validation loss", title=f"{site} sites")
     if (target := grid.dense_loss()) is not None:
         tax.axhline(target, color="black", lw=1, label="dense twin (mean)")
