@@ -215,6 +215,21 @@ def _dense_flatness(grid: Grid) -> str:
     return text
 
 
+def _curve_styles(arms: list[Arm], palette: tuple[Any, ...]) -> list[dict[str, Any]]:
+    """Line styles, one per arm: the dense twins black and grey, the others a colour and dash
+    of their own."""
+    styles, i = [], 0
+    for arm in arms:
+        if arm.kind == "dense":
+            styles.append({"lw": 2.2, "color": "black", "ls": "-" if arm.seed == 0 else ":"})
+        elif arm.kind == "wide":
+            styles.append({"lw": 2.2, "color": "grey", "ls": "--"})
+        else:
+            styles.append({"lw": 1.2, "color": palette[i % 10], "ls": "-" if i < 10 else "--"})
+            i += 1
+    return styles
+
+
 def _plot_site(grid: Grid, site: str, out: Path) -> Path | None:
     import matplotlib
 
@@ -230,18 +245,10 @@ def _plot_site(grid: Grid, site: str, out: Path) -> Path | None:
     if not arms:
         return None
     fig, (curves, tax) = plt.subplots(1, 2, figsize=(13, 4.8))
-    styles: dict[str, dict[str, Any]] = {}
     finals = []
-    palette = plt.get_cmap("tab10").colors
-    for i, arm in enumerate(a for a in arms if a.kind not in ("dense", "wide")):
-        styles[arm.name] = {"lw": 1.2, "color": palette[i % 10], "ls": "-" if i < 10 else "--"}
-    for arm in arms:
+    for arm, style in zip(arms, _curve_styles(arms, plt.get_cmap("tab10").colors), strict=True):
         points = read_metrics(grid.metrics_dir(arm, 1.0)).get("val/loss", [])
         steps, losses = zip(*points, strict=True)
-        style = {
-            "dense": {"lw": 2.2, "color": "black", "ls": "-" if arm.seed == 0 else ":"},
-            "wide": {"lw": 2.2, "color": "grey", "ls": "--"},
-        }.get(arm.kind) or styles[arm.name]
         curves.plot([s / grid.n for s in steps], losses, label=arm.name, **style)
         if (summary := grid.summary(arm, 1.0)) is not None:  # unfinished runs set no limits
             finals.append(summary["val_loss"])
