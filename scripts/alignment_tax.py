@@ -67,6 +67,8 @@ TRADES = {"b-dec-mean"}  # traded loss for live features on the combined recipe:
 # The configs' default: the combined recipe less its dense teacher and less the strategies
 # whose removal from the teacherless recipe lowered the loss (its leave-one-out rows)
 DEFAULT_DROPS = ("distill", "lr-mult")
+# leave-one-out arms whose first seed landed near the seed spread: a second seed decides them
+TWO_SEED_ABLATIONS = {"auxk"}
 
 
 @dataclass(frozen=True)
@@ -309,15 +311,17 @@ class Grid:
             for s in SEEDS:
                 name = f"{site}-{label}-s{s}"
                 arms.append(Arm(name, kind, site, model, recipe, s, self.tax(kind)))
-        for name in kept:  # leave one out of the teacherless recipe
-            if name != "distill":
+        for name in (n for n in kept if n != "distill"):  # leave one out of the teacherless recipe
+            for s in SEEDS if name in TWO_SEED_ABLATIONS else SEEDS[:1]:
+                suffix = f"-s{s}" if s else ""  # seed 0 keeps the name its records have
                 arms.append(
                     Arm(
-                        f"{site}-combined-no-distill-no-{name}",
+                        f"{site}-combined-no-distill-no-{name}{suffix}",
                         "ablation",
                         site,
                         model,
                         less(teacherless, name),
+                        s,
                     )
                 )
         for name in sorted(TRADES & alone.keys()):  # both recipes with it, for the trade

@@ -64,7 +64,10 @@ def test_leave_one_out_arms_and_the_default_recipe(tmp_path, data_dir):
     assert no_unit_norm == {**recipe, "unit_norm_decoder": False}
     no_auxk = grid.arm("resid-combined-no-distill-no-auxk").strategy
     assert no_auxk == {k: v for k, v in recipe.items() if k not in ("aux_coef", "k_aux")}
+    no_auxk_s1 = grid.arm("resid-combined-no-distill-no-auxk-s1")
+    assert no_auxk_s1.strategy == no_auxk and no_auxk_s1.seed == 1
     ablations = {a.name for a in grid.arms if a.kind == "ablation"}
+    assert "resid-combined-no-distill-no-unit-norm-s1" not in ablations  # one seed unless listed
     assert "resid-combined-no-distill-no-distill" not in ablations
     assert "mlp-combined-no-distill-no-auxk" not in ablations  # AuxK is a resid strategy here
     default = grid.arm("resid-default-s1").strategy
